@@ -1,0 +1,79 @@
+"""The ``rollstream`` command: one entry point, one subcommand per process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from rollstream.errors import RollstreamError
+
+
+def _stack(args: argparse.Namespace, console: Console) -> int:
+    from rollstream.stack import Stack
+
+    stack = Stack(report=lambda msg: console.print(f"[dim]·[/] {msg}"))
+    if args.action == "up":
+        with console.status("bringing the local stack up…"):
+            statuses = stack.up()
+    elif args.action == "down":
+        stopped = stack.down()
+        console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        return 0
+    else:
+        statuses = stack.status()
+    table = Table("service", "url", "port", "health", "pid")
+    for st in statuses:
+        health = "[green]healthy[/]" if st.healthy else "[red]down[/]"
+        table.add_row(st.name, st.url, str(st.port), health, str(st.pid or "-"))
+    console.print(table)
+    if args.action == "status":
+        return 0 if all(st.healthy for st in statuses) else 1
+    return 0
+
+
+def _smoke(args: argparse.Namespace, console: Console) -> int:
+    from rollstream.smoke import run_smoke
+
+    return run_smoke(console, count=args.count)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rollstream", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    stack = sub.add_parser("stack", help="the local stack: Kafka, schema registry, S3, MLflow")
+    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.set_defaults(func=_stack)
+    smoke = sub.add_parser(
+        "smoke", help="publish one event of every type through Kafka and the registry, read them back"
+    )
+    smoke.add_argument("--count", type=int, default=100, help="events per type")
+    smoke.set_defaults(func=_smoke)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "httpx2", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    console = Console()
+    try:
+        return int(args.func(args, console))
+    except RollstreamError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

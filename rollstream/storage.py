@@ -1,0 +1,120 @@
+"""The project's S3 client: objects and folders on any S3-compatible server.
+
+Configured by endpoint (``ROLLSTREAM_S3_ENDPOINT``), so MinIO in production, versitygw
+on the local stack and AWS all serve. Locations are written ``s3://bucket/key``.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from minio import Minio
+from minio.error import S3Error
+
+from rollstream.errors import StorageError
+from rollstream.settings import ConnectionSettings
+
+
+@dataclass(frozen=True)
+class S3Uri:
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Uri:
+        parsed = urlparse(uri)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise StorageError(f"'{uri}' is not an s3://bucket/key URI")
+        return cls(parsed.netloc, parsed.path.lstrip("/"))
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    def child(self, name: str) -> S3Uri:
+        return S3Uri(self.bucket, f"{self.key.rstrip('/')}/{name}" if self.key else name)
+
+
+class ObjectStore:
+    def __init__(self, settings: ConnectionSettings | None = None) -> None:
+        self.settings = settings or ConnectionSettings()
+        endpoint = urlparse(self.settings.s3_endpoint)
+        if not endpoint.hostname:
+            raise StorageError(f"S3 endpoint '{self.settings.s3_endpoint}' has no host")
+        self.client = Minio(
+            endpoint.netloc,
+            access_key=self.settings.s3_access_key,
+            secret_key=self.settings.s3_secret_key,
+            region=self.settings.s3_region,
+            secure=endpoint.scheme == "https",
+        )
+
+    def _fail(self, what: str, exc: Exception) -> StorageError:
+        return StorageError(f"{what} on {self.settings.s3_endpoint} failed: {exc}")
+
+    def ensure_bucket(self, bucket: str) -> None:
+        try:
+            if not self.client.bucket_exists(bucket):
+                self.client.make_bucket(bucket)
+        except (S3Error, OSError) as exc:
+            raise self._fail(f"creating bucket '{bucket}'", exc) from exc
+
+    def put_bytes(self, uri: str | S3Uri, data: bytes, content_type: str = "application/octet-stream") -> None:
+        loc = uri if isinstance(uri, S3Uri) else S3Uri.parse(uri)
+        try:
+            self.client.put_object(loc.bucket, loc.key, io.BytesIO(data), len(data), content_type=content_type)
+        except (S3Error, OSError) as exc:
+            raise self._fail(f"writing {loc}", exc) from exc
+
+    def get_bytes(self, uri: str | S3Uri) -> bytes:
+        loc = uri if isinstance(uri, S3Uri) else S3Uri.parse(uri)
+        try:
+            resp = self.client.get_object(loc.bucket, loc.key)
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+        except (S3Error, OSError) as exc:
+            raise self._fail(f"reading {loc}", exc) from exc
+
+    def list(self, uri: str | S3Uri, recursive: bool = True) -> list[str]:
+        """Keys under a prefix, as full s3:// URIs, sorted."""
+        loc = uri if isinstance(uri, S3Uri) else S3Uri.parse(uri)
+        try:
+            objs = self.client.list_objects(loc.bucket, prefix=loc.key or None, recursive=recursive)
+            return sorted(str(S3Uri(loc.bucket, o.object_name)) for o in objs if o.object_name)
+        except (S3Error, OSError) as exc:
+            raise self._fail(f"listing {loc}", exc) from exc
+
+    def upload_dir(self, local: Path, uri: str | S3Uri) -> list[str]:
+        """Upload every file under ``local`` below ``uri``; returns the URIs written."""
+        loc = uri if isinstance(uri, S3Uri) else S3Uri.parse(uri)
+        written = []
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            dest = loc.child(path.relative_to(local).as_posix())
+            try:
+                self.client.fput_object(dest.bucket, dest.key, str(path))
+            except (S3Error, OSError) as exc:
+                raise self._fail(f"uploading {path} to {dest}", exc) from exc
+            written.append(str(dest))
+        return written
+
+    def download_dir(self, uri: str | S3Uri, local: Path) -> list[Path]:
+        loc = uri if isinstance(uri, S3Uri) else S3Uri.parse(uri)
+        prefix = loc.key.rstrip("/") + "/" if loc.key else ""
+        paths = []
+        for full in self.list(S3Uri(loc.bucket, prefix)):
+            key = S3Uri.parse(full).key
+            dest = local / key[len(prefix):]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.client.fget_object(loc.bucket, key, str(dest))
+            except (S3Error, OSError) as exc:
+                raise self._fail(f"downloading {full}", exc) from exc
+            paths.append(dest)
+        if not paths:
+            raise StorageError(f"nothing found under {loc}")
+        return paths

@@ -1,0 +1,144 @@
+"""Encoding events in the Confluent wire format through a schema registry.
+
+Wire format: magic byte 0, a 4-byte big-endian schema id, then the Avro binary body.
+Schemas are registered under the topic-name strategy (``<topic>-value``) with BACKWARD
+compatibility, so readers on an older schema keep decoding what newer writers send.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from typing import Any
+
+import fastavro
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient, SchemaRegistryError
+from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext, SerializationError as KafkaSerdeError
+from confluent_kafka.serialization import StringDeserializer, StringSerializer
+
+from rollstream.errors import SchemaError, SerializationError
+from rollstream.schemas import EventType, parsed_schema, schema_text
+from rollstream.schemas.topics import Topics
+from rollstream.settings import ConnectionSettings
+
+COMPATIBILITY = "BACKWARD"
+MAGIC_BYTE = 0
+HEADER = struct.Struct(">bI")
+
+
+def registry_client(settings: ConnectionSettings | None = None) -> SchemaRegistryClient:
+    settings = settings or ConnectionSettings()
+    return SchemaRegistryClient({"url": settings.schema_registry_url})
+
+
+def subject(topic: str) -> str:
+    return f"{topic}-value"
+
+
+def register_schemas(client: SchemaRegistryClient, topics: Topics) -> dict[str, int]:
+    """Register every topic's schema with BACKWARD compatibility; subject -> schema id."""
+    ids = {}
+    for spec in topics.specs():
+        if spec.event_type is None:
+            continue
+        ids[subject(spec.name)] = register(client, spec.name, schema_text(spec.event_type))
+    return ids
+
+
+def register(client: SchemaRegistryClient, topic: str, schema_str: str) -> int:
+    """Register ``schema_str`` for ``topic``'s values; an incompatible change raises SchemaError."""
+    name = subject(topic)
+    try:
+        client.set_compatibility(subject_name=name, level=COMPATIBILITY)
+        return int(client.register_schema(name, Schema(schema_str, "AVRO")))
+    except SchemaRegistryError as exc:
+        raise SchemaError(
+            f"schema registry refused the schema for subject '{name}' (HTTP {exc.http_status_code}, "
+            f"code {exc.error_code}): {exc.error_message}. Schemas may only evolve by adding fields "
+            f"with defaults (BACKWARD compatibility)."
+        ) from exc
+
+
+def parse_header(data: bytes) -> int:
+    """The schema id of a Confluent-framed message, or SerializationError."""
+    if len(data) < HEADER.size:
+        raise SerializationError(f"message of {len(data)} bytes is too short for the Confluent wire format")
+    magic, schema_id = HEADER.unpack_from(data)
+    if magic != MAGIC_BYTE:
+        raise SerializationError(f"unknown magic byte {magic} (expected {MAGIC_BYTE}); not a Confluent Avro message")
+    return int(schema_id)
+
+
+class EventCodec:
+    """Serializers and deserializers for the events of one deployment's topics."""
+
+    def __init__(self, client: SchemaRegistryClient, topics: Topics) -> None:
+        self.client = client
+        self.topics = topics
+        self._serializers: dict[str, AvroSerializer] = {}
+        self._deserializers: dict[str, AvroDeserializer] = {}
+        self._key_ser = StringSerializer("utf_8")
+        self._key_de = StringDeserializer("utf_8")
+
+    @classmethod
+    def from_settings(cls, settings: ConnectionSettings | None = None) -> EventCodec:
+        settings = settings or ConnectionSettings()
+        return cls(registry_client(settings), Topics.from_settings(settings))
+
+    def _event_type(self, topic: str) -> EventType:
+        event_type = self.topics.spec(topic).event_type
+        if event_type is None:
+            raise SerializationError(f"topic '{topic}' carries raw copies of other topics' records, not one event type")
+        return event_type
+
+    def encode(self, topic: str, record: dict[str, Any]) -> bytes:
+        ser = self._serializers.get(topic)
+        if ser is None:
+            ser = AvroSerializer(self.client, schema_text(self._event_type(topic)))
+            self._serializers[topic] = ser
+        try:
+            data = ser(record, SerializationContext(topic, MessageField.VALUE))
+        except (KafkaSerdeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise SerializationError(f"cannot encode a {self._event_type(topic)} for '{topic}': {exc}") from exc
+        assert data is not None
+        return data
+
+    def decode(self, topic: str, data: bytes) -> dict[str, Any]:
+        """Decode with the writer's schema (from the registry) into this reader's schema."""
+        de = self._deserializers.get(topic)
+        if de is None:
+            de = AvroDeserializer(self.client, schema_text(self._event_type(topic)))
+            self._deserializers[topic] = de
+        parse_header(data)
+        try:
+            record = de(data, SerializationContext(topic, MessageField.VALUE))
+        except (KafkaSerdeError, SchemaRegistryError, ValueError, EOFError, IndexError, TypeError) as exc:
+            raise SerializationError(f"cannot decode a record of '{topic}': {exc}") from exc
+        if not isinstance(record, dict):
+            raise SerializationError(f"record of '{topic}' decoded to {type(record).__name__}, not a record")
+        return record
+
+    def encode_key(self, topic: str, key: str) -> bytes:
+        data = self._key_ser(key, SerializationContext(topic, MessageField.KEY))
+        assert data is not None
+        return data
+
+    def decode_key(self, topic: str, data: bytes | None) -> str | None:
+        return None if data is None else self._key_de(data, SerializationContext(topic, MessageField.KEY))
+
+
+def encode_body(event_type: EventType, record: dict[str, Any]) -> bytes:
+    """The bare Avro binary body of ``record`` (no wire-format header): the test vectors' form."""
+    buf = io.BytesIO()
+    try:
+        fastavro.schemaless_writer(buf, parsed_schema(event_type), record)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SerializationError(f"cannot encode a {event_type}: {exc}") from exc
+    return buf.getvalue()
+
+
+def decode_body(event_type: EventType, body: bytes) -> dict[str, Any]:
+    record = fastavro.schemaless_reader(io.BytesIO(body), parsed_schema(event_type), None)
+    assert isinstance(record, dict)
+    return record

@@ -1,0 +1,1 @@
+"""Stream processors: join calls with their (late) rewards per rollout into transitions."""

@@ -1,0 +1,1 @@
+"""The trainer: consumes transitions and improves the policy that serves the agents."""
