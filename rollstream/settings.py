@@ -15,8 +15,8 @@ from rollstream.errors import ConfigError
 
 PREFIX = "ROLLSTREAM_"
 
-# name (without prefix) -> (default, one-line description). The README's table is
-# generated from this mapping, so a variable documented here is a variable that exists.
+# name (without prefix) -> (default, one-line description). The README's table lists
+# this mapping, and a test keeps the two in step.
 VARIABLES: dict[str, tuple[str, str]] = {
     "HOME": ("~/.cache/rollstream", "Cache for downloaded services (Kafka jars, registry, S3 server)."),
     "STATE_DIR": ("", "Local stack state: data, logs, pids, stack.env (default: $ROLLSTREAM_HOME/stack)."),
@@ -26,6 +26,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "REGISTRY_VERSION": ("3.3.3", "Apicurio Registry version of the local schema registry."),
     "REGISTRY_PORT": ("8081", "Local schema registry port."),
     "REGISTRY_HEAP": ("384m", "Local schema registry heap (-Xmx)."),
+    "REGISTRY_JAVA": ("", "java binary (21+) for the registry (default: the newest JDK in JAVA_HOME or /usr/lib/jvm)."),
     "S3_PORT": ("7070", "Local S3 server (versitygw) port."),
     "VERSITYGW_VERSION": ("v1.7.0", "versitygw version of the local S3 server."),
     "MLFLOW_PORT": ("5000", "Local MLflow tracking server port."),
@@ -43,6 +44,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MLFLOW_TRACKING_URI": ("http://127.0.0.1:5000", "MLflow tracking server."),
     "TOPIC_PREFIX": ("rollstream.", "Prefix of every Kafka topic name."),
     "PARTITIONS": ("3", "Partitions of the calls, rewards, rollouts and transitions topics."),
+    "TEST_START_STACK": ("1", "Tests start the local stack when it is not up (0: require a running stack)."),
 }
 
 

@@ -8,7 +8,6 @@ stack that is already up.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -17,7 +16,7 @@ import pytest
 from rollstream.errors import StackError
 from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
 from rollstream.schemas.topics import Topics, create_topics
-from rollstream.settings import ConnectionSettings
+from rollstream.settings import ConnectionSettings, env
 from rollstream.stack import Stack
 from rollstream.storage import ObjectStore
 
@@ -30,7 +29,7 @@ def stack() -> Iterator[Stack]:
     unhealthy = [s.name for s in stk.status() if not s.healthy]
     started = False
     if unhealthy:
-        if os.environ.get("ROLLSTREAM_TEST_START_STACK", "1") == "0":
+        if env("TEST_START_STACK") == "0":
             pytest.fail(f"local stack services not healthy: {', '.join(unhealthy)}; {START_HINT}", pytrace=False)
         try:
             stk.up()

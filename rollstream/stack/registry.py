@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from rollstream.errors import MissingToolError
+from rollstream.settings import env
 from rollstream.stack.base import Service
 from rollstream.stack.process import require_tool, run_checked
 
@@ -34,7 +35,7 @@ def java_major(java_home: Path) -> int:
 
 def find_java(minimum: int = MIN_JAVA) -> str:
     """A ``java`` binary of at least ``minimum``: ROLLSTREAM_REGISTRY_JAVA, JAVA_HOME, or /usr/lib/jvm."""
-    explicit = os.environ.get("ROLLSTREAM_REGISTRY_JAVA")
+    explicit = env("REGISTRY_JAVA")
     if explicit:
         return explicit
     homes = [Path(os.environ["JAVA_HOME"])] if os.environ.get("JAVA_HOME") else []

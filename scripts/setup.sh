@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Installs what Rollstream and its tests need, idempotently:
+#   .venv with the package (Python 3.11), the Node packages of the interoperability test,
+#   and docker-compose (to validate infra/docker-compose.yml offline).
+# The local stack's services download on first `rollstream stack up` (into ~/.cache/rollstream).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
+need() {
+  command -v "$1" >/dev/null 2>&1 || { echo "setup: '$1' is missing: $2" >&2; exit 1; }
+}
+
+PY=${PYTHON:-python3}
+need "$PY" "install Python 3.11"
+"$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+  || { echo "setup: Python 3.11 is required ($PY is $("$PY" -V 2>&1)); set PYTHON=python3.11" >&2; exit 1; }
+need java "install a JDK 17+ (Debian: apt-get install -y openjdk-17-jdk-headless)"
+need mvn "install Maven (Debian: apt-get install -y maven)"
+need go "install Go 1.25+"
+need node "install Node.js 20+"
+need npm "install npm"
+
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  "$PY" -m venv .venv
+fi
+say "installing the Python package and test tools into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+
+if ! command -v docker-compose >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing docker-compose (validates the compose file without a Docker engine)"
+    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null
+  else
+    echo "setup: docker-compose is missing; install it (Debian: apt-get install -y docker-compose)" >&2
+    exit 1
+  fi
+fi
+
+NODE_DIR=tests/interop/node
+if [ ! -f "$NODE_DIR/node_modules/.rollstream-installed" ] \
+   || [ "$NODE_DIR/package-lock.json" -nt "$NODE_DIR/node_modules/.rollstream-installed" ]; then
+  say "installing Confluent's JavaScript clients (builds librdkafka from source: a few minutes, once)"
+  (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+  touch "$NODE_DIR/node_modules/.rollstream-installed"
+fi
+say "done"

@@ -1,0 +1,48 @@
+"""infra/docker-compose.yml validates offline and holds the whole stack."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+COMPOSE = Path(__file__).resolve().parents[2] / "infra" / "docker-compose.yml"
+
+
+def _docker_compose() -> str:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.fail("docker-compose is not installed; 'apt-get install -y docker-compose' (it validates offline)")
+    return exe
+
+
+def test_compose_file_validates_offline() -> None:
+    out = subprocess.run([_docker_compose(), "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_compose_has_every_service() -> None:
+    out = subprocess.run(
+        [_docker_compose(), "-f", str(COMPOSE), "--profile", "jobs", "config", "--services"],
+        capture_output=True, text=True, check=True,
+    )
+    services = set(out.stdout.split())
+    assert {"kafka", "registry", "minio", "minio-init", "postgres", "mlflow", "smoke"} <= services
+
+
+def test_compose_kafka_is_kraft_and_mlflow_uses_postgres_and_minio() -> None:
+    spec = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert spec["kafka"]["image"].startswith("apache/kafka:")
+    assert "controller" in spec["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]
+    assert "postgresql://" in spec["mlflow"]["command"]
+    assert spec["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+
+
+def test_a_broken_compose_file_is_caught(tmp_path: Path) -> None:
+    broken = tmp_path / "compose.yml"
+    broken.write_text("services:\n  a:\n    image: x\n    depends_on: [missing]\n")
+    out = subprocess.run([_docker_compose(), "-f", str(broken), "config", "-q"], capture_output=True, text=True)
+    assert out.returncode != 0
