@@ -87,10 +87,11 @@ def read_events(
             msg = consumer.poll(0.5)
             if msg is None:
                 continue
-            if msg.error() is not None:
-                if msg.error().code() == KafkaError._PARTITION_EOF:
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
                     continue
-                raise RollstreamError(f"consumer error on {msg.topic()}: {msg.error()}")
+                raise RollstreamError(f"consumer error on {msg.topic()}: {error}")
             seen += 1
             topic = msg.topic()
             assert topic is not None

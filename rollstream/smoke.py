@@ -18,8 +18,8 @@ from tqdm import tqdm
 from rollstream.events import EventProducer, read_events
 from rollstream.schemas import EventType, make_event
 from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
+from rollstream.schemas.samples import SAMPLES
 from rollstream.schemas.topics import Topics, create_topics
-from rollstream.schemas.vectors import SAMPLES
 from rollstream.settings import ConnectionSettings
 
 

@@ -80,7 +80,7 @@ class ObjectStore:
         except (S3Error, OSError) as exc:
             raise self._fail(f"reading {loc}", exc) from exc
 
-    def list(self, uri: str | S3Uri, recursive: bool = True) -> list[str]:
+    def list_objects(self, uri: str | S3Uri, recursive: bool = True) -> list[str]:
         """Keys under a prefix, as full s3:// URIs, sorted."""
         loc = uri if isinstance(uri, S3Uri) else S3Uri.parse(uri)
         try:
@@ -106,7 +106,7 @@ class ObjectStore:
         loc = uri if isinstance(uri, S3Uri) else S3Uri.parse(uri)
         prefix = loc.key.rstrip("/") + "/" if loc.key else ""
         paths = []
-        for full in self.list(S3Uri(loc.bucket, prefix)):
+        for full in self.list_objects(S3Uri(loc.bucket, prefix)):
             key = S3Uri.parse(full).key
             dest = local / key[len(prefix):]
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -14,12 +14,12 @@ from typing import Any
 import fastavro
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient, SchemaRegistryError
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
-from confluent_kafka.serialization import MessageField, SerializationContext, SerializationError as KafkaSerdeError
-from confluent_kafka.serialization import StringDeserializer, StringSerializer
-
-from rollstream.errors import SchemaError, SerializationError
+from confluent_kafka.serialization import MessageField, SerializationContext, StringDeserializer, StringSerializer
+from confluent_kafka.serialization import SerializationError as KafkaSerdeError
 from rollstream.schemas import EventType, parsed_schema, schema_text
 from rollstream.schemas.topics import Topics
+
+from rollstream.errors import SchemaError, SerializationError
 from rollstream.settings import ConnectionSettings
 
 COMPATIBILITY = "BACKWARD"

@@ -15,9 +15,9 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
+from rollstream.schemas import EventType
 
 from rollstream.errors import TopicError
-from rollstream.schemas import EventType
 from rollstream.settings import ConnectionSettings
 
 log = logging.getLogger(__name__)

@@ -39,11 +39,29 @@ if ! command -v docker-compose >/dev/null 2>&1; then
   fi
 fi
 
+# Confluent's JavaScript client builds its bundled librdkafka from source, linked against
+# these system libraries (its prebuilt binaries and source-dependency downloads are not
+# reachable from every machine).
+NODE_BUILD_DEPS="libssl-dev zlib1g-dev libsasl2-dev libzstd-dev liblz4-dev libcurl4-openssl-dev pkg-config make g++"
+missing_debs() { for p in $NODE_BUILD_DEPS; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done; }
+
 NODE_DIR=tests/interop/node
 if [ ! -f "$NODE_DIR/node_modules/.rollstream-installed" ] \
    || [ "$NODE_DIR/package-lock.json" -nt "$NODE_DIR/node_modules/.rollstream-installed" ]; then
-  say "installing Confluent's JavaScript clients (builds librdkafka from source: a few minutes, once)"
-  (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+  if command -v dpkg >/dev/null 2>&1 && [ -n "$(missing_debs)" ]; then
+    if [ "$(id -u)" = 0 ]; then
+      say "installing build dependencies: $(missing_debs | tr '\n' ' ')"
+      apt-get update -q >/dev/null
+      # shellcheck disable=SC2046
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(missing_debs) >/dev/null
+    else
+      echo "setup: install these packages first: $(missing_debs | tr '\n' ' ')" >&2
+      exit 1
+    fi
+  fi
+  say "installing Confluent's JavaScript clients (builds librdkafka from source: ~2-3 minutes, once)"
+  (cd "$NODE_DIR" && CKJS_LINKING=dynamic npm_config_build_from_source=true \
+     npm ci --no-audit --no-fund --loglevel=error)
   touch "$NODE_DIR/node_modules/.rollstream-installed"
 fi
 say "done"

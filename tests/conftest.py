@@ -12,10 +12,10 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-
-from rollstream.errors import StackError
 from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
 from rollstream.schemas.topics import Topics, create_topics
+
+from rollstream.errors import StackError
 from rollstream.settings import ConnectionSettings, env
 from rollstream.stack import Stack
 from rollstream.storage import ObjectStore

@@ -19,7 +19,7 @@ from rollstream.settings import StackSettings
 from rollstream.stack.base import Service
 from rollstream.stack.kafka import Kafka
 from rollstream.stack.mlflow_server import MlflowServer
-from rollstream.stack.process import wait_until
+from rollstream.stack.process import port_in_use, wait_until
 from rollstream.stack.registry import ApicurioRegistry
 from rollstream.stack.s3server import VersityGateway
 
@@ -92,6 +92,12 @@ class Stack:
                 self.report(f"{svc.name}: already running at {svc.url}")
                 continue
             if svc.process.pid() is None:
+                busy = [p for p in svc.ports if port_in_use(p)]
+                if busy:
+                    raise StackError(
+                        f"{svc.name} cannot start: port(s) {busy} on 127.0.0.1 are in use by another "
+                        f"process; stop it, or move the service with ROLLSTREAM_{svc.name.upper()}_PORT"
+                    )
                 svc.start()
                 self.report(f"{svc.name}: started (pid {svc.process.pid()}), waiting for health")
             waiting.append(svc)

@@ -6,7 +6,7 @@ import abc
 from pathlib import Path
 
 from rollstream.settings import StackSettings
-from rollstream.stack.process import ManagedProcess, run_checked, require_tool
+from rollstream.stack.process import ManagedProcess, require_tool, run_checked
 
 POM_TEMPLATE = """<project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
@@ -54,6 +54,11 @@ class Service(abc.ABC):
         """A real request answered by the service."""
 
     startup_timeout: float = 120.0
+
+    @property
+    def ports(self) -> list[int]:
+        """Every port the service listens on (checked free before it starts)."""
+        return [self.port]
 
     @property
     def data_dir(self) -> Path:

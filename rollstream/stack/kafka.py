@@ -46,6 +46,10 @@ class Kafka(Service):
         return self.settings.kafka_port
 
     @property
+    def ports(self) -> list[int]:
+        return [self.port, self.port + 1]
+
+    @property
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
 

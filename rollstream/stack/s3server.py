@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import urllib3
+from minio import Minio
+
 from rollstream.stack.base import Service
 from rollstream.stack.process import require_tool, run_checked
 
@@ -59,38 +62,31 @@ class VersityGateway(Service):
                 "--secret", self.settings.s3_secret_key,
                 "--region", self.settings.s3_region,
                 "--port", f"127.0.0.1:{self.port}",
-                # Object metadata in a side folder: works where the filesystem lacks xattrs.
                 "--quiet",
+                # Object metadata in a side folder: works where the filesystem lacks xattrs.
                 "posix", "--sidecar", str(sidecar), str(root),
             ]
         )
 
-    def healthy(self) -> bool:
-        from minio import Minio
-
-        try:
-            client = Minio(
-                f"127.0.0.1:{self.port}",
-                access_key=self.settings.s3_access_key,
-                secret_key=self.settings.s3_secret_key,
-                region=self.settings.s3_region,
-                secure=False,
-            )
-            client.list_buckets()
-            return True
-        except Exception:  # noqa: BLE001 - any failure means "not healthy yet"
-            return False
-
-    def ensure_buckets(self) -> None:
-        from minio import Minio
-
-        client = Minio(
+    def _client(self, retries: int = 3) -> Minio:
+        return Minio(
             f"127.0.0.1:{self.port}",
             access_key=self.settings.s3_access_key,
             secret_key=self.settings.s3_secret_key,
             region=self.settings.s3_region,
             secure=False,
+            http_client=urllib3.PoolManager(retries=urllib3.Retry(total=retries), timeout=5.0),
         )
+
+    def healthy(self) -> bool:
+        try:
+            self._client(retries=0).list_buckets()
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "not healthy yet"
+            return False
+
+    def ensure_buckets(self) -> None:
+        client = self._client()
         for bucket in self.settings.buckets:
             if not client.bucket_exists(bucket):
                 client.make_bucket(bucket)

@@ -37,7 +37,7 @@ def test_run_metric_artifact_registered_version_and_alias(
     assert Path(local).read_text() == '{"step": 3}'
 
     # The tracking server proxies artifacts to the S3 server: the object is in its bucket.
-    keys = store.list(f"s3://{env('MLFLOW_BUCKET')}/artifacts/")
+    keys = store.list_objects(f"s3://{env('MLFLOW_BUCKET')}/artifacts/")
     assert any(k.endswith(f"{run_id}/artifacts/ckpt/checkpoint.json") for k in keys), keys[:5]
 
     name = f"policy-{uuid.uuid4().hex[:8]}"

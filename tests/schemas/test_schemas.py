@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
-from rollstream.errors import SchemaError, SerializationError
 from rollstream.schemas import EVENT_TYPES, SCHEMA_FILES, field_names, make_event, schema_dict
 from rollstream.schemas.codec import decode_body, encode_body, parse_header
-from rollstream.schemas.vectors import SAMPLES, VECTOR_DIR, from_json, to_json
+from rollstream.schemas.samples import SAMPLES, VECTOR_DIR, from_json, to_json
+
+from rollstream.errors import SchemaError, SerializationError
 
 
 def _fields(schema: dict) -> list[dict]:
@@ -20,8 +20,9 @@ def _fields(schema: dict) -> list[dict]:
             if isinstance(candidate, dict):
                 if candidate.get("type") == "record":
                     out += _fields(candidate)
-                elif candidate.get("type") == "array" and isinstance(candidate["items"], dict) and candidate["items"].get("type") == "record":
-                    out += _fields(candidate["items"])
+                elif candidate.get("type") == "array" and isinstance(candidate["items"], dict):
+                    if candidate["items"].get("type") == "record":
+                        out += _fields(candidate["items"])
     return out
 
 
@@ -86,7 +87,7 @@ def test_vectors_match_schema_bytes(event_type: str) -> None:
     """The committed JSON record encodes to exactly the committed binary body, and back."""
     record = from_json(event_type, (VECTOR_DIR / f"{event_type}.json").read_text())
     body = (VECTOR_DIR / f"{event_type}.bin").read_bytes()
-    assert encode_body(event_type, record) == body, "regenerate with: python -m rollstream.schemas.vectors"
+    assert encode_body(event_type, record) == body, "regenerate with: python -m rollstream.schemas.samples"
     decoded = decode_body(event_type, body)
     assert to_json(event_type, decoded) == to_json(event_type, record)
 

@@ -5,7 +5,7 @@ specification (unions wrapped as ``{"type": value}``, bytes as code points), whi
 Avro library reads; ``<Event>.bin`` holds the exact Avro binary body (no wire-format
 header). A producer in another language proves byte-compatibility by encoding the JSON
 record and comparing with the ``.bin`` file. Regenerate after a schema change with
-``python -m rollstream.schemas.vectors``.
+``python -m rollstream.schemas.samples``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
-
 from rollstream.schemas import EVENT_TYPES, SCHEMA_DIR, EventType, parsed_schema
 from rollstream.schemas.codec import encode_body
 
@@ -89,7 +88,8 @@ def to_json(event_type: EventType, record: dict[str, Any]) -> str:
 def from_json(event_type: EventType, text: str) -> dict[str, Any]:
     records = list(fastavro.json_reader(io.StringIO(json.dumps(json.loads(text))), parsed_schema(event_type)))
     assert len(records) == 1
-    record: dict[str, Any] = records[0]
+    record = records[0]
+    assert isinstance(record, dict)
     return record
 
 
