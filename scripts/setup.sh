@@ -60,6 +60,9 @@ if [ ! -f "$NODE_DIR/node_modules/.rollstream-installed" ] \
     fi
   fi
   say "installing Confluent's JavaScript clients (builds librdkafka from source: ~2-3 minutes, once)"
+  # node-gyp compiles against the installed Node headers instead of downloading them.
+  nodedir=$(dirname "$(dirname "$(command -v node)")")
+  [ -f "$nodedir/include/node/node.h" ] && export npm_config_nodedir="$nodedir"
   (cd "$NODE_DIR" && CKJS_LINKING=dynamic npm_config_build_from_source=true \
      npm ci --no-audit --no-fund --loglevel=error)
   touch "$NODE_DIR/node_modules/.rollstream-installed"
