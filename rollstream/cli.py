@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -42,6 +43,13 @@ def _smoke(args: argparse.Namespace, console: Console) -> int:
     return run_smoke(console, count=args.count)
 
 
+# Subcommands whose options belong to their own module's ``main(argv)``.
+DELEGATED = {
+    "serve": ("rollstream.serving.server", "the OpenAI-compatible policy server (transformers, CPU/GPU)"),
+    "gateway": ("rollstream.producers.gateway", "the capturing OpenAI-compatible gateway and reward API"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rollstream", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -54,10 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     smoke.add_argument("--count", type=int, default=100, help="events per type")
     smoke.set_defaults(func=_smoke)
+    for name, (_module, text) in DELEGATED.items():
+        sub.add_parser(name, help=text + f" (rollstream {name} --help)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        entry = importlib.import_module(DELEGATED[argv[0]][0])
+        return int(entry.main(argv[1:]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
