@@ -47,6 +47,7 @@ def _smoke(args: argparse.Namespace, console: Console) -> int:
 DELEGATED = {
     "serve": ("rollstream.serving.server", "the OpenAI-compatible policy server (transformers, CPU/GPU)"),
     "gateway": ("rollstream.producers.gateway", "the capturing OpenAI-compatible gateway and reward API"),
+    "otlp": ("rollstream.producers.otlp", "the OTLP/HTTP trace receiver: GenAI and reward spans to events"),
 }
 
 
