@@ -48,6 +48,8 @@ DELEGATED = {
     "serve": ("rollstream.serving.server", "the OpenAI-compatible policy server (transformers, CPU/GPU)"),
     "gateway": ("rollstream.producers.gateway", "the capturing OpenAI-compatible gateway and reward API"),
     "otlp": ("rollstream.producers.otlp", "the OTLP/HTTP trace receiver: GenAI and reward spans to events"),
+    "process": ("rollstream.stream_processors.worker", "the stream processor: calls + rewards -> transitions"),
+    "train": ("rollstream.trainer.train", "the continuous policy-gradient trainer"),
 }
 
 
