@@ -31,3 +31,49 @@ class MissingToolError(StackError):
 
 class StorageError(RollstreamError):
     """An object-store (S3) operation failed."""
+
+
+class GatewayError(RollstreamError):
+    """The capturing gateway refused a request or could not reach its backend."""
+
+
+class TrainerError(RollstreamError):
+    """The trainer cannot consume transitions, take a step, or write or restore a checkpoint."""
+
+
+class ServeError(RollstreamError):
+    """The policy server could not load a model or generate a response."""
+
+
+class InvalidRequestError(ServeError):
+    """An API request is malformed; ``param`` names the offending field, ``status`` the HTTP status."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.param = param
+        self.status = status
+
+
+class ProducerError(RollstreamError):
+    """The SDK or the OTLP receiver could not record or publish an event."""
+
+
+class QueueFullError(ProducerError):
+    """A producer's bounded in-memory event queue stayed full (Kafka is slow or unreachable)."""
+
+
+class OtlpError(ProducerError):
+    """An OTLP export request is malformed or holds spans that cannot become events."""
+
+
+class ProcessorError(RollstreamError):
+    """The stream processor cannot start or keep running (topics, settings, state)."""
+
+
+class BadInputError(ProcessorError):
+    """An input record cannot be joined; it goes to the dead-letter topic with ``error_type``."""
+
+    def __init__(self, error_type: str, reason: str) -> None:
+        super().__init__(reason)
+        self.error_type = error_type
+        self.reason = reason

@@ -56,6 +56,12 @@ def parsed_schema(event_type: EventType) -> Any:
         raise SchemaError(f"{SCHEMA_FILES[event_type]}: {exc}") from exc
 
 
+@cache
+def _fields(event_type: EventType) -> tuple[dict[str, Any], ...]:
+    # make_event runs once per event on hot paths: parse the schema once, not per event.
+    return tuple(schema_dict(event_type)["fields"])
+
+
 def field_names(event_type: EventType) -> list[str]:
     return [f["name"] for f in schema_dict(event_type)["fields"]]
 
@@ -78,7 +84,7 @@ def make_event(event_type: EventType, **values: Any) -> dict[str, Any]:
     record: dict[str, Any] = {}
     missing = []
     known = set()
-    for field in schema_dict(event_type)["fields"]:
+    for field in _fields(event_type):
         name = field["name"]
         known.add(name)
         if name in values:

@@ -89,3 +89,38 @@ def bucket(store: ObjectStore) -> str:
     name = unique("test-")
     store.ensure_bucket(name)
     return name
+
+
+# --- the policy server (rollstream serve) on a tiny model built in code ---
+
+from pathlib import Path  # noqa: E402
+
+from rollstream.serving.launch import ServerProcess  # noqa: E402
+
+from rollstream.errors import RollstreamError  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen2-style causal LM with a byte-level BPE tokenizer and a ChatML template."""
+    from rollstream.serving.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def policy_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """``rollstream serve`` in a subprocess on a free port, serving the tiny model as policy "tiny".
+
+    Use ``.base_url`` (``http://127.0.0.1:PORT/v1``) with the OpenAI client, ``.policy``
+    as the model name and ``.port``; ``.url`` is the server root (``/health``, ``/stats``).
+    It does not watch Kafka for policy updates, so it needs no running stack.
+    """
+    log = tmp_path_factory.mktemp("policy-server") / "serve.log"
+    server = ServerProcess(tiny_model_dir, policy="tiny", args=["--no-updates"], log_path=log)
+    try:
+        server.start()
+    except RollstreamError as exc:
+        pytest.fail(f"could not start rollstream serve: {exc}", pytrace=False)
+    yield server
+    server.stop()

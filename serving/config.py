@@ -1,0 +1,41 @@
+"""The policy server's settings: one frozen object from ``ROLLSTREAM_SERVE_*`` variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rollstream.errors import ConfigError
+from rollstream.settings import PREFIX, ConnectionSettings, env, env_int
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How ``rollstream serve`` runs; command-line options override these."""
+
+    host: str = field(default_factory=lambda: env("SERVE_HOST"))
+    port: int = field(default_factory=lambda: env_int("SERVE_PORT"))
+    model: str = field(default_factory=lambda: env("SERVE_MODEL"))  # local folder or s3:// URI
+    policy: str = field(default_factory=lambda: env("SERVE_POLICY"))
+    policy_version: int = field(default_factory=lambda: env_int("SERVE_POLICY_VERSION"))
+    batch_window_ms: int = field(default_factory=lambda: env_int("SERVE_BATCH_WINDOW_MS"))
+    max_batch: int = field(default_factory=lambda: env_int("SERVE_MAX_BATCH"))
+    default_max_tokens: int = field(default_factory=lambda: env_int("SERVE_DEFAULT_MAX_TOKENS"))
+    threads: int = field(default_factory=lambda: env_int("SERVE_THREADS"))  # 0: one per core but one, 1 to 8
+    device: str = field(default_factory=lambda: env("SERVE_DEVICE"))
+    updates: bool = field(default_factory=lambda: env("SERVE_UPDATES") not in ("0", "false", "no", ""))
+    connection: ConnectionSettings = field(default_factory=ConnectionSettings)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 < self.port < 65536, f"{PREFIX}SERVE_PORT must be a TCP port, got {self.port}"),
+            (self.policy_version >= 0, f"{PREFIX}SERVE_POLICY_VERSION must be >= 0, got {self.policy_version}"),
+            (self.batch_window_ms >= 0, f"{PREFIX}SERVE_BATCH_WINDOW_MS must be >= 0, got {self.batch_window_ms}"),
+            (self.max_batch >= 1, f"{PREFIX}SERVE_MAX_BATCH must be at least 1, got {self.max_batch}"),
+            (self.default_max_tokens >= 1,
+             f"{PREFIX}SERVE_DEFAULT_MAX_TOKENS must be at least 1, got {self.default_max_tokens}"),
+            (self.threads >= 0, f"{PREFIX}SERVE_THREADS must be >= 0 (0: automatic), got {self.threads}"),
+            (bool(self.policy), f"{PREFIX}SERVE_POLICY must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
