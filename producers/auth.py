@@ -1,0 +1,105 @@
+"""Bearer API keys for the gateway, each with the scopes it may use.
+
+``ROLLSTREAM_GATEWAY_API_KEYS`` is a comma-separated list of ``key=scope+scope`` entries,
+for example ``agent-key=models,grader-key=rewards,admin-key=models+rewards``:
+
+- ``models``: the OpenAI-compatible endpoints (chat, completions, models);
+- ``rewards``: the rollout and reward API (``/v1/rollouts...``).
+
+A key written without ``=`` has both scopes. Keys are compared in constant time
+(``hmac.compare_digest`` over SHA-256 digests, every configured key checked) and never
+logged; only a key's position in the list (``key#2``) appears in logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from rollstream.producers.http import HttpError
+
+from rollstream.errors import ConfigError
+
+ScopeName = Literal["models", "rewards"]
+SCOPES: tuple[ScopeName, ...] = get_args(ScopeName)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One configured key: its digest (the key itself is not kept) and its scopes."""
+
+    label: str
+    digest: bytes
+    scopes: frozenset[str]
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def parse_api_keys(text: str) -> list[ApiKey]:
+    """Parse ``key=scope+scope,...``; malformed entries raise ConfigError (without the key)."""
+    keys: list[ApiKey] = []
+    for position, entry in enumerate((e.strip() for e in text.split(",")), start=1):
+        if not entry:
+            continue
+        key, sep, scope_text = entry.partition("=")
+        key = key.strip()
+        label = f"key#{position}"
+        if not key:
+            raise ConfigError(f"ROLLSTREAM_GATEWAY_API_KEYS: entry {position} has an empty key")
+        scopes = {s.strip() for s in scope_text.split("+") if s.strip()} if sep else set(SCOPES)
+        unknown = sorted(scopes - set(SCOPES))
+        if unknown or not scopes:
+            raise ConfigError(
+                f"ROLLSTREAM_GATEWAY_API_KEYS: {label} has scope(s) {unknown or '(none)'}; "
+                f"use {' / '.join(SCOPES)} joined with '+', e.g. key=models+rewards"
+            )
+        keys.append(ApiKey(label, _digest(key), frozenset(scopes)))
+    return keys
+
+
+class KeyRing:
+    """Checks ``Authorization: Bearer <key>`` headers against the configured keys."""
+
+    def __init__(self, keys: list[ApiKey]) -> None:
+        self.keys = keys
+
+    @classmethod
+    def from_text(cls, text: str) -> KeyRing:
+        return cls(parse_api_keys(text))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    def identify(self, authorization: str | None) -> ApiKey | None:
+        """The key presented in ``authorization``, or None; compares with every key in constant time."""
+        if authorization is None:
+            return None
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        digest = _digest(token.strip())
+        found: ApiKey | None = None
+        for key in self.keys:  # no early exit: the time taken does not depend on which key matched
+            if hmac.compare_digest(digest, key.digest):
+                found = key
+        return found
+
+    def authorize(self, authorization: str | None, scope: ScopeName) -> ApiKey | None:
+        """Raise 401 for a missing or unknown key, 403 for a key without ``scope``; None when auth is off."""
+        if not self.keys:
+            return None
+        key = self.identify(authorization)
+        if key is None:
+            what = "missing" if authorization is None else "invalid"
+            raise HttpError(401, f"{what} API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if scope not in key.scopes:
+            raise HttpError(
+                403, f"this API key lacks the '{scope}' scope (it has: {', '.join(sorted(key.scopes))})",
+                code="insufficient_scope",
+            )
+        return key

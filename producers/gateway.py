@@ -1,0 +1,326 @@
+"""``rollstream gateway``: the capturing OpenAI-compatible gateway, with the rollout and reward API.
+
+A raw ASGI app on uvicorn (uvloop, httptools) in front of any OpenAI-compatible backend.
+Every model call that belongs to a rollout becomes one LlmCall event per choice on the
+calls topic; rollouts and rewards posted to the same service become RolloutEvent and
+Reward events. Routes:
+
+- ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`` (scope ``models``), also under
+  ``/rollouts/{rollout_id}[/attempts/{n}][/agents/{name}]/v1/...`` for agents that can only
+  set a base URL; otherwise the ``X-Rollout-Id``, ``X-Attempt``, ``X-Agent-Name`` headers;
+- ``POST /v1/rollouts``, ``/v1/rollouts/{id}/finish``, ``/v1/rollouts/{id}/rewards`` (scope ``rewards``);
+- ``GET /metrics`` (Prometheus) and ``GET /healthz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast, get_args
+
+from rollstream.producers import api
+from rollstream.producers.auth import KeyRing, ScopeName
+from rollstream.producers.capture import SOURCE
+from rollstream.producers.http import (
+    HttpError,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    header,
+    parse_json_object,
+    read_body,
+    respond,
+    respond_json,
+)
+from rollstream.producers.metrics import GatewayMetrics
+from rollstream.producers.proxy import Attribution, ModelProxy, OnFull
+from rollstream.producers.publisher import KafkaPublisher, Publisher
+from rollstream.schemas.topics import Topics
+
+from rollstream.errors import ConfigError, RollstreamError
+from rollstream.settings import ConnectionSettings, env, env_int
+
+log = logging.getLogger(__name__)
+
+MODEL_ROUTES = {"chat/completions": "CHAT_COMPLETIONS", "completions": "COMPLETIONS"}
+LOOPBACK_NAMES = {"localhost"}
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """How the gateway listens, where it forwards, and how it treats a full event queue."""
+
+    host: str = field(default_factory=lambda: env("GATEWAY_HOST"))
+    port: int = field(default_factory=lambda: env_int("GATEWAY_PORT"))
+    backend_url: str = field(default_factory=lambda: env("GATEWAY_BACKEND_URL"))
+    backend_api_key: str = field(default_factory=lambda: env("GATEWAY_BACKEND_API_KEY"), repr=False)
+    backend_timeout: int = field(default_factory=lambda: env_int("GATEWAY_BACKEND_TIMEOUT"))
+    backend_connections: int = field(default_factory=lambda: env_int("GATEWAY_BACKEND_CONNECTIONS"))
+    api_keys: str = field(default_factory=lambda: env("GATEWAY_API_KEYS"), repr=False)
+    policy: str = field(default_factory=lambda: env("GATEWAY_POLICY"))
+    policy_version: int = field(default_factory=lambda: env_int("GATEWAY_POLICY_VERSION"))
+    queue_max: int = field(default_factory=lambda: env_int("GATEWAY_QUEUE_MAX"))
+    on_full: OnFull = field(default_factory=lambda: cast(OnFull, env("GATEWAY_ON_FULL")))
+    max_body: int = field(default_factory=lambda: env_int("GATEWAY_MAX_BODY"))
+
+    def __post_init__(self) -> None:
+        if self.on_full not in get_args(OnFull):
+            raise ConfigError(
+                f"ROLLSTREAM_GATEWAY_ON_FULL={self.on_full!r}: use one of {', '.join(get_args(OnFull))}"
+            )
+        for name in ("queue_max", "backend_timeout", "backend_connections", "max_body"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ROLLSTREAM_GATEWAY_{name.upper()} must be at least 1")
+        if not self.backend_url.startswith(("http://", "https://")):
+            raise ConfigError(f"ROLLSTREAM_GATEWAY_BACKEND_URL={self.backend_url!r} must be an http(s) URL")
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def endpoint_label(path: str) -> str:
+    """The metrics label of a request path."""
+    if path.startswith("/v1/rollouts"):
+        return "rewards" if path.endswith("/rewards") else "rollouts.finish" if path.endswith("/finish") else "rollouts"
+    for suffix, label in (("/chat/completions", "chat_completions"), ("/completions", "completions"),
+                          ("/models", "models"), ("/metrics", "metrics"), ("/healthz", "health")):
+        if path.endswith(suffix):
+            return label
+    return "other"
+
+
+def parse_attribution(path: str, scope: Scope) -> tuple[str, Attribution | None]:
+    """Split ``/rollouts/{id}[/attempts/{n}][/agents/{name}]/v1/...`` into ``/v1/...`` and who called."""
+    rollout_id = header(scope, b"x-rollout-id")
+    attempt_text = header(scope, b"x-attempt")
+    agent = header(scope, b"x-agent-name")
+    if path.startswith("/rollouts/"):
+        parts = path.split("/")  # ['', 'rollouts', id, ...]
+        rest = parts[3:]
+        rollout_id = parts[2]
+        while len(rest) >= 2 and rest[0] in ("attempts", "agents"):
+            if rest[0] == "attempts":
+                attempt_text = attempt_text or rest[1]
+            else:
+                agent = agent or rest[1]
+            rest = rest[2:]
+        path = "/" + "/".join(rest)
+    if not rollout_id:
+        return path, None
+    api.check_id(rollout_id, "rollout_id")
+    attempt = None
+    if attempt_text:
+        try:
+            attempt = int(attempt_text)
+        except ValueError:
+            attempt = 0
+        if attempt < 1:
+            raise HttpError(400, f"attempt must be an integer >= 1, got {attempt_text!r}", param="X-Attempt")
+    return path, Attribution(rollout_id, attempt, agent or None)
+
+
+class Gateway:
+    """The ASGI application."""
+
+    def __init__(self, settings: GatewaySettings, publisher: Publisher, topics: Topics,
+                 metrics: GatewayMetrics | None = None) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.topics = topics
+        self.metrics = metrics or GatewayMetrics()
+        self.keys = KeyRing.from_text(settings.api_keys)
+        self.proxy = ModelProxy(
+            settings.backend_url, publisher, self.metrics, topics.calls,
+            backend_api_key=settings.backend_api_key, timeout=float(settings.backend_timeout),
+            connections=settings.backend_connections, on_full=settings.on_full, policy=settings.policy,
+            policy_version=settings.policy_version, max_body=settings.max_body,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.proxy.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.proxy.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        status = 500
+        endpoint = endpoint_label(scope["path"])
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._route(scope, receive, tracked_send)
+        except HttpError as exc:
+            status = exc.status
+            await respond(send, exc.status, exc.body())
+        except Exception:
+            log.exception("unexpected error serving %s %s", scope["method"], scope["path"])
+            await respond(send, 500, HttpError(500, "internal gateway error").body())
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    def _authorize(self, scope: Scope, needed: ScopeName) -> None:
+        self.keys.authorize(header(scope, b"authorization"), needed)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        if path == "/metrics" and method == "GET":
+            await respond(send, 200, self.metrics.render(), [(b"content-type", b"text/plain; version=0.0.4")])
+            return
+        if path == "/healthz" and method == "GET":
+            await respond_json(send, 200, {"status": "ok", "queue_depth": self.publisher.depth()})
+            return
+        if path.startswith("/v1/rollouts"):
+            await self._rollouts(scope, receive, send, method, path)
+            return
+        path, who = parse_attribution(path, scope)
+        if path.startswith("/v1/"):
+            route = path[4:].rstrip("/")
+            if route in MODEL_ROUTES:
+                if method != "POST":
+                    raise HttpError(405, f"{path} accepts POST")
+                self._authorize(scope, "models")
+                endpoint = MODEL_ROUTES[route]
+                await self.proxy.handle(endpoint, scope, receive, send, who)  # type: ignore[arg-type]
+                return
+            if route == "models":
+                self._authorize(scope, "models")
+                await self.proxy.models(send)
+                return
+        raise HttpError(404, f"no route {method} {scope['path']}")
+
+    async def _rollouts(self, scope: Scope, receive: Receive, send: Send, method: str, path: str) -> None:
+        parts = path.rstrip("/").split("/")  # ['', 'v1', 'rollouts', id?, action?]
+        if method != "POST" or len(parts) not in (3, 5) or (len(parts) == 5 and parts[4] not in ("finish", "rewards")):
+            raise HttpError(404, f"no route {method} {path}; see POST /v1/rollouts, /v1/rollouts/{{id}}/finish "
+                                 "and /v1/rollouts/{id}/rewards")
+        self._authorize(scope, "rewards")
+        body = parse_json_object(await read_body(receive, self.settings.max_body))
+        policy = self.settings.policy or "default"
+        if len(parts) == 3:
+            record = api.start_rollout(body, SOURCE, policy)
+            self._publish(self.topics.rollouts, record, "rollouts")
+            self.proxy.tracker.started(record["rollout_id"], record["attempt"])
+            rid = record["rollout_id"]
+            await respond_json(send, 201, {
+                "rollout_id": rid, "attempt": record["attempt"], "event_id": record["event_id"],
+                "base_path": f"/rollouts/{rid}/v1",
+            })
+            return
+        rollout_id = api.check_id(parts[3], "rollout_id")
+        if parts[4] == "finish":
+            attempt = self.proxy.tracker.attempt(rollout_id)
+            record = api.finish_rollout(rollout_id, body, SOURCE, policy, attempt)
+            self._publish(self.topics.rollouts, record, "rollouts.finish")
+            await respond_json(send, 200, {"rollout_id": rollout_id, "status": record["status"],
+                                           "event_id": record["event_id"]})
+            return
+        record = api.reward(rollout_id, body, SOURCE)
+        self._publish(self.topics.rewards, record, "rewards")
+        await respond_json(send, 200, {"rollout_id": rollout_id, "event_id": record["event_id"]})
+
+    def _publish(self, topic: str, record: dict[str, Any], endpoint: str) -> None:
+        # Rollout and reward events are never dropped silently, whatever --on-full says.
+        if not self.publisher.publish(topic, record["rollout_id"], [record]):
+            self.metrics.rejected.labels(endpoint).inc()
+            raise HttpError(503, "the gateway's event queue is full (Kafka is unavailable or slow); retry later",
+                            code="event_queue_full")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rollstream gateway", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", help="listen address (ROLLSTREAM_GATEWAY_HOST)")
+    p.add_argument("--port", type=int, help="listen port (ROLLSTREAM_GATEWAY_PORT)")
+    p.add_argument("--backend-url", help="OpenAI-compatible backend, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--policy", help="policy name recorded on calls (default: the backend's model name)")
+    p.add_argument("--policy-version", type=int, help="policy version until the backend reports one")
+    p.add_argument("--queue-max", type=int, help="events held in memory while Kafka is unavailable")
+    p.add_argument("--on-full", choices=get_args(OnFull), help="full event queue: 503 (reject) or serve and count")
+    p.add_argument("--backend-timeout", type=int, help="seconds to wait for the backend (504 past it)")
+    p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers (ROLLSTREAM_KAFKA_BOOTSTRAP)")
+    p.add_argument("--schema-registry-url", help="schema registry URL (ROLLSTREAM_SCHEMA_REGISTRY_URL)")
+    p.add_argument("--topic-prefix", help="topic prefix (ROLLSTREAM_TOPIC_PREFIX)")
+    p.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _overrides(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the gateway until interrupted; 2 on a configuration error."""
+    import uvicorn
+    from rollstream.schemas import schema_text
+    from rollstream.schemas.codec import EventCodec, register, registry_client
+    from rollstream.schemas.topics import create_topics
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2"):  # the schema registry client logs every request at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        settings = GatewaySettings(**_overrides(args, [
+            "host", "port", "backend_url", "policy", "policy_version", "queue_max", "on_full", "backend_timeout"]))
+        conn = dataclasses.replace(ConnectionSettings(), **_overrides(
+            args, ["kafka_bootstrap", "schema_registry_url", "topic_prefix"]))
+        keys = KeyRing.from_text(settings.api_keys)
+        if not keys.enabled:
+            if not is_loopback(settings.host):
+                raise ConfigError(
+                    f"no API keys configured, so the gateway only binds loopback, not {settings.host!r}; "
+                    "set ROLLSTREAM_GATEWAY_API_KEYS (e.g. 'agent-key=models,grader-key=rewards')"
+                )
+            log.warning("no API keys configured (ROLLSTREAM_GATEWAY_API_KEYS): authentication is OFF; "
+                        "binding loopback only (%s)", settings.host)
+        topics = Topics.from_settings(conn)
+        if not args.no_create_topics:
+            create_topics(topics, conn)
+        codec = EventCodec(registry_client(conn), topics)
+        for topic, event_type in ((topics.calls, "LlmCall"), (topics.rewards, "Reward"),
+                                  (topics.rollouts, "RolloutEvent")):
+            register(codec.client, topic, schema_text(event_type))  # type: ignore[arg-type]
+    except RollstreamError as exc:
+        log.error("%s", exc)
+        return 2
+    metrics = GatewayMetrics()
+    publisher = KafkaPublisher(codec, conn, settings.queue_max, metrics)
+    app = Gateway(settings, publisher, topics, metrics)
+    log.info("gateway on http://%s:%d -> %s; events to %s* (queue %d, on full: %s)", settings.host,
+             settings.port, settings.backend_url, topics.prefix, settings.queue_max, settings.on_full)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+                            lifespan="on", access_log=False, log_level="warning", timeout_keep_alive=75)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        remaining = publisher.close(timeout=30.0)
+    return 0 if remaining == 0 else 1

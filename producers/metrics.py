@@ -1,0 +1,55 @@
+"""The gateway's Prometheus metrics, in a registry of its own (served at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class GatewayMetrics:
+    """Requests, latency, events and the publish queue; one instance per gateway."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "rollstream_gateway_requests", "HTTP requests answered, by endpoint and status.",
+            ["endpoint", "status"], registry=r,
+        )
+        self.latency = Histogram(
+            "rollstream_gateway_request_seconds", "Time from request to last response byte, by endpoint.",
+            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.events_enqueued = Counter(
+            "rollstream_gateway_events_enqueued", "Events accepted into the publish queue, by topic.",
+            ["topic"], registry=r,
+        )
+        self.events_published = Counter(
+            "rollstream_gateway_events_published", "Events acknowledged by Kafka, by topic.", ["topic"], registry=r
+        )
+        self.delivery_failures = Counter(
+            "rollstream_gateway_delivery_failures", "Events Kafka did not accept, by topic.", ["topic"], registry=r
+        )
+        self.events_dropped = Counter(
+            "rollstream_gateway_events_dropped",
+            "Events not recorded, by reason (queue_full, encode_error, client_disconnected, incomplete).",
+            ["reason"], registry=r,
+        )
+        self.queue_depth = Gauge(
+            "rollstream_gateway_queue_depth", "Events waiting in memory for Kafka's acknowledgement.", registry=r
+        )
+        self.unattributed = Counter(
+            "rollstream_gateway_unattributed_calls", "Model calls served without a rollout id (not recorded).",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "rollstream_gateway_rejected", "Requests answered 503 because the event queue was full, by endpoint.",
+            ["endpoint"], registry=r,
+        )
+        self.backend_errors = Counter(
+            "rollstream_gateway_backend_errors", "Backend failures (502/504), by kind.", ["kind"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))

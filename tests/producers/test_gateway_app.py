@@ -1,0 +1,184 @@
+"""The gateway's ASGI app in-process, with a recording publisher: routing, validation, auth, admission."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+from rollstream.producers.gateway import Gateway, GatewaySettings, is_loopback, main, parse_attribution
+from rollstream.producers.http import HttpError
+from rollstream.schemas.codec import encode_body
+from rollstream.schemas.topics import Topics
+
+from rollstream.errors import ConfigError
+
+TOPICS = Topics(prefix="unit.")
+DEAD_BACKEND = "http://127.0.0.1:9/v1"  # discard port: nothing listens
+
+
+class RecordingPublisher:
+    def __init__(self, room: int = 1000) -> None:
+        self.room = room
+        self.sent: list[tuple[str, str, dict[str, Any]]] = []
+
+    def has_room(self, n: int = 1) -> bool:
+        return len(self.sent) + n <= self.room
+
+    def publish(self, topic: str, key: str, records: list[dict[str, Any]]) -> bool:
+        if not self.has_room(len(records)):
+            return False
+        self.sent += [(topic, key, r) for r in records]
+        return True
+
+    def depth(self) -> int:
+        return len(self.sent)
+
+    def close(self, timeout: float = 30.0) -> int:
+        return 0
+
+
+def run(test: Callable[[httpx.AsyncClient, Gateway], Awaitable[None]], room: int = 1000, **settings: Any) -> Gateway:
+    app = Gateway(GatewaySettings(backend_url=DEAD_BACKEND, **settings), RecordingPublisher(room), TOPICS)
+
+    async def go() -> None:
+        await app.proxy.start()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+                await test(client, app)
+        finally:
+            await app.proxy.stop()
+
+    asyncio.run(go())
+    return app
+
+
+def sent(app: Gateway) -> list[tuple[str, str, dict[str, Any]]]:
+    return app.publisher.sent  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"value": NaN}', "value"),
+        (b'{"value": Infinity, "terminal": true}', "value"),
+        (b'{"value": -Infinity}', "value"),
+        (b'{"value": 1e999}', "value"),
+        (b'{"terminal": true}', "value"),
+        (b'{"value": "1.0"}', "value"),
+        (b'{"value": true}', "value"),
+        (b'{"value": 1, "terminal": "yes"}', "terminal"),
+        (b'{"value": 1, "attempt": 0}', "attempt"),
+        (b'{"value": 1, "colour": "red"}', "colour"),
+        (b'{"value": 1, "metadata": {"k": [1]}}', "metadata.k"),
+    ],
+)
+def test_bad_rewards_are_refused_naming_the_field(body: bytes, field: str) -> None:
+    async def test(client: httpx.AsyncClient, app: Gateway) -> None:
+        r = await client.post("/v1/rollouts/r-1/rewards", content=body)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["param"] == field and field in r.json()["error"]["message"]
+
+    assert sent(run(test)) == []
+
+
+def test_rollout_lifecycle_and_reward_events() -> None:
+    async def test(client: httpx.AsyncClient, app: Gateway) -> None:
+        r = await client.post("/v1/rollouts", json={"task_id": "t1", "group_id": "g1", "attempt": 2,
+                                                    "metadata": {"seed": 3, "ok": True}})
+        assert r.status_code == 201
+        rid = r.json()["rollout_id"]
+        assert r.json()["base_path"] == f"/rollouts/{rid}/v1"
+        r = await client.post(f"/v1/rollouts/{rid}/rewards", json={"value": 0.5, "call_id": "c1", "name": "format"})
+        assert r.status_code == 200
+        r = await client.post(f"/v1/rollouts/{rid}/finish", json={"status": "failed", "error": "boom"})
+        assert r.status_code == 200 and r.json()["status"] == "FAILED"
+        assert (await client.post(f"/v1/rollouts/{rid}/finish", json={"status": "DONE"})).status_code == 422
+        assert (await client.post("/v1/rollouts", content=b"[1]")).status_code == 400
+        assert (await client.get("/v1/rollouts")).status_code == 404
+
+    app = run(test)
+    (t1, k1, started), (t2, k2, reward), (t3, k3, finished) = sent(app)
+    assert (t1, t2, t3) == (TOPICS.rollouts, TOPICS.rewards, TOPICS.rollouts) and k1 == k2 == k3
+    assert started["status"] == "STARTED" and started["attempt"] == 2 and started["metadata"] == {"seed": "3",
+                                                                                                     "ok": "true"}
+    assert (reward["value"], reward["call_id"], reward["name"], reward["terminal"]) == (0.5, "c1", "format", False)
+    assert finished["status"] == "FAILED" and finished["error"] == "boom" and finished["attempt"] == 2
+    for record, event_type in ((started, "RolloutEvent"), (reward, "Reward"), (finished, "RolloutEvent")):
+        encode_body(event_type, record)  # valid against the schema
+
+
+def test_keys_and_scopes_are_enforced() -> None:
+    async def test(client: httpx.AsyncClient, app: Gateway) -> None:
+        reward = {"value": 1.0}
+        assert (await client.post("/v1/rollouts/r/rewards", json=reward)).status_code == 401
+        bad = {"Authorization": "Bearer nope"}
+        assert (await client.post("/v1/rollouts/r/rewards", json=reward, headers=bad)).status_code == 401
+        agent = {"Authorization": "Bearer agent-key"}
+        r = await client.post("/v1/rollouts/r/rewards", json=reward, headers=agent)
+        assert r.status_code == 403 and "agent-key" not in r.text
+        grader = {"Authorization": "Bearer grader-key"}
+        assert (await client.post("/v1/rollouts/r/rewards", json=reward, headers=grader)).status_code == 200
+        chat = {"model": "m", "messages": []}
+        assert (await client.post("/v1/chat/completions", json=chat, headers=grader)).status_code == 403
+        assert (await client.post("/v1/chat/completions", json=chat)).status_code == 401
+        assert (await client.get("/metrics")).status_code == 200
+
+    run(test, api_keys="agent-key=models,grader-key=rewards")
+
+
+def test_full_queue_rejects_before_calling_the_backend() -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def test(client: httpx.AsyncClient, app: Gateway) -> None:
+        # The backend is dead: a 503 (not 502) shows the backend was never called.
+        r = await client.post("/rollouts/r-1/v1/chat/completions", json=chat)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "event_queue_full"
+        r = await client.post("/v1/rollouts/r-1/rewards", json={"value": 1})
+        assert r.status_code == 503
+        # Without a rollout nothing is recorded, so the call goes on (and meets the dead backend).
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 502 and "unreachable" in r.json()["error"]["message"]
+        metrics = (await client.get("/metrics")).text
+        assert 'rollstream_gateway_rejected_total{endpoint="chat_completions"} 1.0' in metrics
+        assert "rollstream_gateway_unattributed_calls_total 1.0" in metrics
+
+    run(test, room=0)
+
+
+def test_serve_and_count_goes_on_when_full() -> None:
+    async def test(client: httpx.AsyncClient, app: Gateway) -> None:
+        r = await client.post("/rollouts/r-1/v1/completions", json={"model": "m", "prompt": "x"})
+        assert r.status_code == 502  # served (the dead backend answers), not rejected
+        assert 'rollstream_gateway_events_dropped_total{reason="queue_full"} 1.0' in (await client.get("/metrics")).text
+
+    run(test, room=0, on_full="serve-and-count")
+
+
+def test_attribution_from_path_and_headers() -> None:
+    def scope(**headers: str) -> dict[str, Any]:
+        return {"headers": [(k.lower().replace("_", "-").encode(), v.encode()) for k, v in headers.items()]}
+
+    assert parse_attribution("/v1/chat/completions", scope()) == ("/v1/chat/completions", None)
+    path, who = parse_attribution("/rollouts/r-9/attempts/3/agents/planner/v1/completions", scope())
+    assert path == "/v1/completions" and who is not None
+    assert (who.rollout_id, who.attempt, who.agent_name) == ("r-9", 3, "planner")
+    path, who = parse_attribution("/v1/models", scope(X_Rollout_Id="r-1", X_Attempt="2", X_Agent_Name="a"))
+    assert path == "/v1/models" and who is not None and (who.rollout_id, who.attempt, who.agent_name) == ("r-1", 2, "a")
+    with pytest.raises(HttpError):
+        parse_attribution("/v1/completions", scope(X_Rollout_Id="r", X_Attempt="zero"))
+
+
+def test_settings_and_loopback_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="ROLLSTREAM_GATEWAY_ON_FULL"):
+        GatewaySettings(on_full="drop")  # type: ignore[arg-type]
+    monkeypatch.setenv("ROLLSTREAM_GATEWAY_QUEUE_MAX", "0")
+    with pytest.raises(ConfigError, match="QUEUE_MAX"):
+        GatewaySettings()
+    monkeypatch.delenv("ROLLSTREAM_GATEWAY_QUEUE_MAX")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1")
+    monkeypatch.setenv("ROLLSTREAM_GATEWAY_API_KEYS", "")
+    assert main(["--host", "0.0.0.0", "--port", "1"]) == 2  # refuses before touching Kafka

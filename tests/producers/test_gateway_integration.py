@@ -1,0 +1,261 @@
+"""The gateway as a process, between the official OpenAI client and the real policy server, with real Kafka."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai import OpenAI
+from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
+from rollstream.schemas.topics import Topics
+
+from rollstream.events import read_events
+from rollstream.settings import ConnectionSettings, StackSettings
+from rollstream.stack.kafka import Kafka
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CHAT = [{"role": "user", "content": "Count to three."}]
+
+
+def free_port(pair: bool = False) -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if not pair:
+            return port
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+
+
+class GatewayProcess:
+    """``rollstream gateway`` in a subprocess on a free port."""
+
+    def __init__(self, backend: str, topics: Topics, settings: ConnectionSettings, log: Path,
+                 args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "rollstream.cli", "gateway", "--port", str(self.port), "--backend-url", backend,
+               "--kafka-bootstrap", settings.kafka_bootstrap, "--schema-registry-url", settings.schema_registry_url,
+               "--topic-prefix", topics.prefix, *(args or [])]
+        self.log = log
+        self.proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, "ROLLSTREAM_GATEWAY_API_KEYS": "", **(env or {})})
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.proc.poll() is None, f"gateway exited: {log.read_text()[-3000:]}"
+            try:
+                urllib.request.urlopen(self.url + "/healthz", timeout=2).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, f"gateway did not start: {log.read_text()[-3000:]}"
+                time.sleep(0.2)
+
+    def post(self, path: str, body: bytes | dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json",
+                                                                           **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def metric(self, line_start: str) -> float:
+        text = urllib.request.urlopen(self.url + "/metrics", timeout=5).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+@pytest.fixture
+def gateway_factory(settings: ConnectionSettings, tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    started: list[GatewayProcess] = []
+
+    def make(backend: str, topics: Topics, conn: ConnectionSettings | None = None, **kw: Any) -> GatewayProcess:
+        gw = GatewayProcess(backend, topics, conn or settings, tmp_path / f"gateway-{len(started)}.log", **kw)
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        gw.stop()
+
+
+def events(settings: ConnectionSettings, topics: Topics, topic: str, count: int) -> list[dict[str, Any]]:
+    codec = EventCodec(registry_client(settings), topics)
+    return [r.value for r in read_events(codec, [topic], f"g-{uuid.uuid4().hex}", count, 60, settings)]
+
+
+def test_calls_are_relayed_unchanged_and_captured_with_engine_token_ids(
+    policy_server: Any, topics_factory: Callable[..., Topics], settings: ConnectionSettings,
+    gateway_factory: Callable[..., GatewayProcess],
+) -> None:
+    topics = topics_factory()
+    gw = gateway_factory(policy_server.base_url, topics)
+    model = policy_server.policy
+    direct = OpenAI(base_url=policy_server.base_url, api_key="none")
+    params: dict[str, Any] = {"model": model, "max_tokens": 8, "temperature": 0, "seed": 1}
+    truth = direct.chat.completions.create(messages=CHAT, logprobs=True, extra_body={"return_token_ids": True},
+                                           **params)
+    truth_extra = truth.model_extra or {}
+    truth_ids = truth.choices[0].model_extra["token_ids"]  # type: ignore[index]
+
+    # An agent that can only set base_url: attributed by the path.
+    by_path = OpenAI(base_url=f"{gw.url}/rollouts/r-path/agents/solver/v1", api_key="none")
+    whole = by_path.chat.completions.create(messages=CHAT, **params)
+    assert whole.choices[0].message.content == truth.choices[0].message.content
+    assert whole.choices[0].logprobs is None  # not asked for: stripped
+    assert "prompt_token_ids" not in (whole.model_extra or {})
+    assert "token_ids" not in (whole.choices[0].model_extra or {})
+
+    # Headers, streamed.
+    by_header = OpenAI(base_url=f"{gw.url}/v1", api_key="none",
+                       default_headers={"X-Rollout-Id": "r-head", "X-Attempt": "2", "X-Agent-Name": "critic"})
+    chunks = list(by_header.chat.completions.create(messages=CHAT, stream=True, **params))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == truth.choices[0].message.content
+    assert all("token_ids" not in (c.choices[0].model_extra or {}) for c in chunks if c.choices)
+    assert all(c.choices for c in chunks)  # the usage chunk the gateway asked for is not passed on
+
+    completion = by_header.completions.create(prompt="One, two,", **params)
+    direct_completion = direct.completions.create(prompt="One, two,", **params)
+    assert completion.choices[0].text == direct_completion.choices[0].text
+    several = by_header.chat.completions.create(messages=CHAT, n=2, **{**params, "temperature": 1.0})
+    assert len(several.choices) == 2
+    models = by_header.models.list()
+    assert model in [m.id for m in models.data]
+
+    calls = events(settings, topics, topics.calls, 5)
+    by_rollout: dict[str, list[dict[str, Any]]] = {}
+    for call in calls:
+        by_rollout.setdefault(call["rollout_id"], []).append(call)
+    [path_call] = by_rollout["r-path"]
+    head_calls = sorted(by_rollout["r-head"], key=lambda c: (c["sequence"], c["metadata"]["choice_index"]))
+    assert len(head_calls) == 4
+    for call in (path_call, head_calls[0]):  # whole and streamed chat: the engine's own ids
+        assert call["prompt_token_ids"] == truth_extra["prompt_token_ids"]
+        assert call["response_token_ids"] == truth_ids
+        assert call["response_logprobs"] == pytest.approx([t.logprob for t in truth.choices[0].logprobs.content],
+                                                          abs=1e-4)
+        assert call["response_text"] == truth.choices[0].message.content
+        assert call["policy_version"] == truth_extra["policy_version"] and call["policy"]
+        assert call["endpoint"] == "CHAT_COMPLETIONS" and call["sampling"]["seed"] == 1
+    assert (path_call["agent_name"], path_call["attempt"], path_call["sequence"]) == ("solver", 1, 0)
+    assert [c["sequence"] for c in head_calls] == [0, 1, 2, 2]  # the n=2 choices share their call's place
+    assert all(c["agent_name"] == "critic" and c["attempt"] == 2 for c in head_calls)
+    assert head_calls[1]["endpoint"] == "COMPLETIONS" and head_calls[1]["prompt"] == "One, two,"
+    assert head_calls[1]["response_text"] == direct_completion.choices[0].text
+    assert len(head_calls[1]["response_logprobs"]) == len(head_calls[1]["response_token_ids"]) > 0
+    assert {c["response_text"] for c in head_calls[2:]} == {c.message.content for c in several.choices}
+    assert len({c["call_id"] for c in calls}) == 5
+
+
+def test_unattributed_calls_are_served_not_recorded_and_backend_failures_are_502(
+    policy_server: Any, topics_factory: Callable[..., Topics], gateway_factory: Callable[..., GatewayProcess],
+) -> None:
+    topics = topics_factory()
+    gw = gateway_factory(policy_server.base_url, topics)
+    client = OpenAI(base_url=f"{gw.url}/v1", api_key="none")
+    r = client.chat.completions.create(model=policy_server.policy, messages=CHAT, max_tokens=4)
+    assert r.choices[0].message.content is not None
+    assert gw.metric("rollstream_gateway_unattributed_calls_total") == 1
+    assert gw.metric("rollstream_gateway_events_enqueued_total") == 0
+
+    dead = gateway_factory(f"http://127.0.0.1:{free_port()}/v1", topics)
+    status, body = dead.post("/rollouts/r-1/v1/chat/completions", {"model": "m", "messages": CHAT})
+    assert status == 502 and "unreachable" in body["error"]["message"]
+    assert dead.metric("rollstream_gateway_events_enqueued_total") == 0
+
+
+def test_rewards_api_validates_authorizes_and_publishes(
+    topics_factory: Callable[..., Topics], settings: ConnectionSettings,
+    gateway_factory: Callable[..., GatewayProcess],
+) -> None:
+    topics = topics_factory()
+    gw = gateway_factory("http://127.0.0.1:9/v1", topics, env={"ROLLSTREAM_GATEWAY_API_KEYS":
+                                                                 "agent-key=models,grader-key=rewards"})
+    grader = {"Authorization": "Bearer grader-key"}
+    assert gw.post("/v1/rollouts/r-1/rewards", {"value": 1.0})[0] == 401
+    assert gw.post("/v1/rollouts/r-1/rewards", {"value": 1.0}, {"Authorization": "Bearer x"})[0] == 401
+    assert gw.post("/v1/rollouts/r-1/rewards", {"value": 1.0}, {"Authorization": "Bearer agent-key"})[0] == 403
+    status, body = gw.post("/v1/rollouts/r-1/rewards", b'{"value": NaN}', grader)
+    assert status == 422 and body["error"]["param"] == "value"
+    status, body = gw.post("/v1/rollouts/r-1/rewards", {"terminal": True}, grader)
+    assert status == 422 and body["error"]["param"] == "value"
+    status, started = gw.post("/v1/rollouts", {"task_id": "t", "group_id": "g"}, grader)
+    assert status == 201
+    rid = started["rollout_id"]
+    assert gw.post(f"/v1/rollouts/{rid}/rewards", {"value": 0.75, "terminal": True}, grader)[0] == 200
+    assert gw.post(f"/v1/rollouts/{rid}/finish", {"status": "SUCCEEDED"}, grader)[0] == 200
+    [reward] = events(settings, topics, topics.rewards, 1)
+    assert (reward["rollout_id"], reward["value"], reward["terminal"], reward["name"]) == (rid, 0.75, True, "primary")
+    lifecycle = events(settings, topics, topics.rollouts, 2)
+    assert [e["status"] for e in lifecycle] == ["STARTED", "SUCCEEDED"]
+    assert lifecycle[0]["task_id"] == "t" and lifecycle[0]["group_id"] == "g"
+
+
+def test_kafka_outage_fills_the_queue_then_nothing_acknowledged_is_lost(
+    policy_server: Any, settings: ConnectionSettings, tmp_path: Path,
+    gateway_factory: Callable[..., GatewayProcess],
+) -> None:
+    kafka = Kafka(StackSettings(state_dir=tmp_path / "kafka", kafka_port=free_port(pair=True), kafka_heap="384m"))
+    if not kafka.installed():
+        kafka.install()
+    kafka.start()
+    try:
+        wait(kafka.healthy, 120, "the test's Kafka broker did not start")
+        conn = ConnectionSettings(kafka_bootstrap=kafka.url, schema_registry_url=settings.schema_registry_url)
+        topics = Topics(prefix=f"outage{uuid.uuid4().hex[:8]}.")
+        register_schemas(registry_client(conn), topics)
+        gw = gateway_factory(policy_server.base_url, topics, conn, args=["--queue-max", "4"])
+        request = {"model": policy_server.policy, "messages": CHAT, "max_tokens": 3}
+        assert gw.post("/rollouts/r-0/v1/chat/completions", request)[0] == 200
+        wait(lambda: gw.metric("rollstream_gateway_events_published_total") == 1, 30, "first event not delivered")
+
+        kafka.process.stop()
+        answers = [gw.post(f"/rollouts/r-{i}/v1/chat/completions", request)[0] for i in range(1, 8)]
+        assert answers == [200] * 4 + [503] * 3  # 4 events fit the queue; then admission control
+        status, body = gw.post("/rollouts/r-9/v1/chat/completions", {**request, "stream": True})
+        assert status == 503 and body["error"]["code"] == "event_queue_full"
+        assert gw.metric("rollstream_gateway_rejected_total") == 4
+
+        kafka.start()
+        wait(lambda: gw.metric("rollstream_gateway_events_published_total") == 5, 120,
+             "queued events not delivered after Kafka came back")
+        calls = events(conn, topics, topics.calls, 5)
+        assert sorted(c["rollout_id"] for c in calls) == [f"r-{i}" for i in range(5)]
+        assert gw.metric("rollstream_gateway_delivery_failures_total") == 0
+        assert gw.post("/rollouts/r-10/v1/chat/completions", request)[0] == 200
+    finally:
+        kafka.process.stop()
+
+
+def wait(check: Callable[[], bool], timeout: float, message: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.5)
