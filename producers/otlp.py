@@ -1,0 +1,258 @@
+"""``rollstream otlp``: an OTLP/HTTP trace receiver that turns GenAI and reward spans into events.
+
+``POST /v1/traces`` takes an ``ExportTraceServiceRequest`` as binary protobuf
+(``application/x-protobuf``) or in the OTLP JSON mapping (``application/json``: hex ids,
+lowerCamelCase keys, 64-bit integers as strings), optionally gzip-compressed. LLM spans
+(OpenTelemetry GenAI conventions) become LlmCall events and reward spans Reward events,
+keyed by rollout id (mapping in ``rollstream.producers.genai``). Other spans are ignored and
+counted at ``GET /metrics``. A malformed request is answered 400 with the reason and
+publishes nothing; a full event queue (Kafka down for long) is answered 503, which OTLP
+exporters retry. ``GET /healthz`` reports the queue depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import logging
+import signal
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from rollstream.producers.emitter import EventEmitter, Payload
+from rollstream.producers.genai import decode_request, map_request
+from rollstream.producers.http import HttpError, Receive, Scope, Send, header, read_body, respond
+from rollstream.producers.proxy import RolloutTracker
+from rollstream.schemas.topics import Topics
+
+from rollstream.errors import ConfigError, OtlpError, QueueFullError, RollstreamError
+from rollstream.settings import ConnectionSettings, env, env_int
+
+log = logging.getLogger(__name__)
+
+PROTOBUF = b"application/x-protobuf"
+GRPC_INVALID_ARGUMENT, GRPC_UNAVAILABLE, GRPC_INTERNAL = 3, 14, 13
+
+
+@dataclass(frozen=True)
+class OtlpSettings:
+    """Where the receiver listens, the policy it records by default, and its event queue."""
+
+    host: str = field(default_factory=lambda: env("OTLP_HOST"))
+    port: int = field(default_factory=lambda: env_int("OTLP_PORT"))
+    policy: str = field(default_factory=lambda: env("OTLP_POLICY"))
+    queue_max: int = field(default_factory=lambda: env_int("OTLP_QUEUE_MAX"))
+    max_body: int = field(default_factory=lambda: env_int("OTLP_MAX_BODY"))
+
+    def __post_init__(self) -> None:
+        for name in ("queue_max", "max_body"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ROLLSTREAM_OTLP_{name.upper()} must be at least 1")
+
+
+class OtlpMetrics:
+    """Requests, spans by kind, and the event queue; served at ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("rollstream_otlp_requests", "Export requests answered, by status.", ["status"],
+                                registry=r)
+        self.spans = Counter(
+            "rollstream_otlp_spans",
+            "Spans received, by kind: llm, reward, ignored (neither), unattributed (LLM span without rollout id).",
+            ["kind"], registry=r,
+        )
+        self.events = Counter("rollstream_otlp_events_enqueued", "Events enqueued for Kafka, by topic.", ["topic"],
+                              registry=r)
+        self.queue_depth = Gauge("rollstream_otlp_queue_depth", "Events waiting for Kafka's acknowledgement.",
+                                 registry=r)
+        self.delivered = Gauge("rollstream_otlp_events_delivered", "Events Kafka acknowledged (since start).",
+                               registry=r)
+        self.failed = Gauge("rollstream_otlp_events_failed", "Events that could not be published (since start).",
+                            registry=r)
+
+    def watch(self, emitter: EventEmitter) -> None:
+        self.queue_depth.set_function(emitter.pending)
+        self.delivered.set_function(lambda: emitter.delivered)
+        self.failed.set_function(lambda: emitter.failed)
+
+
+def status_body(protobuf: bool, code: int, message: str) -> bytes:
+    """A google.rpc.Status (what OTLP/HTTP answers failures with) in the request's encoding."""
+    if not protobuf:
+        return orjson.dumps({"code": code, "message": message})
+    text = message.encode()
+    return b"\x08" + _varint(code) + b"\x12" + _varint(len(text)) + text
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class OtlpReceiver:
+    """The ASGI application."""
+
+    def __init__(self, settings: OtlpSettings, emitter: EventEmitter, topics: Topics,
+                 metrics: OtlpMetrics | None = None) -> None:
+        self.settings = settings
+        self.emitter = emitter
+        self.topics = topics
+        self.metrics = metrics or OtlpMetrics()
+        self.metrics.watch(emitter)
+        self.tracker = RolloutTracker()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                kind = (await receive())["type"]
+                if kind == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif kind == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        if path == "/metrics" and method == "GET":
+            await respond(send, 200, generate_latest(self.metrics.registry),
+                          [(b"content-type", b"text/plain; version=0.0.4")])
+        elif path == "/healthz" and method == "GET":
+            await respond(send, 200, orjson.dumps({"status": "ok", "queue_depth": self.emitter.pending()}))
+        elif path == "/v1/traces" and method == "POST":
+            status, body, ctype = await self._traces(scope, receive)
+            self.metrics.requests.labels(str(status)).inc()
+            await respond(send, status, body, [(b"content-type", ctype)])
+        else:
+            await respond(send, 404, orjson.dumps({"code": 5, "message": f"no route {method} {path}; "
+                                                   "send traces to POST /v1/traces"}))
+
+    async def _traces(self, scope: Scope, receive: Receive) -> tuple[int, bytes, bytes]:
+        content_type = header(scope, b"content-type") or ""
+        protobuf = "json" not in content_type.lower()
+        ctype = PROTOBUF if protobuf else b"application/json"
+        try:
+            raw = await read_body(receive, self.settings.max_body)
+        except HttpError as exc:
+            message = exc.message if exc.status != 413 else (
+                f"request body is larger than {self.settings.max_body} bytes (ROLLSTREAM_OTLP_MAX_BODY)")
+            return exc.status, status_body(protobuf, GRPC_INVALID_ARGUMENT, message), ctype
+        try:
+            body = _decompress(raw, header(scope, b"content-encoding"))
+            mapped = map_request(decode_request(body, content_type), self.settings.policy)
+        except OtlpError as exc:
+            status = 415 if str(exc).startswith("unsupported content type") else 400
+            log.info("refused an export request (%d): %s", status, exc)
+            return status, status_body(protobuf, GRPC_INVALID_ARGUMENT, str(exc)), ctype
+        self._sequence(mapped.calls)
+        items: list[tuple[str, str, Payload]] = [(self.topics.calls, c["rollout_id"], c) for c in mapped.calls]
+        items += [(self.topics.rewards, r["rollout_id"], r) for r in mapped.rewards]
+        try:
+            if items:
+                self.emitter.submit_many(items)
+        except QueueFullError as exc:
+            return 503, status_body(protobuf, GRPC_UNAVAILABLE, str(exc)), ctype
+        except RollstreamError as exc:
+            return 500, status_body(protobuf, GRPC_INTERNAL, str(exc)), ctype
+        m = self.metrics
+        m.spans.labels("llm").inc(len({c["metadata"]["span_id"] for c in mapped.calls}))
+        m.spans.labels("reward").inc(len(mapped.rewards))
+        m.spans.labels("ignored").inc(mapped.ignored)
+        m.spans.labels("unattributed").inc(mapped.unattributed)
+        if mapped.calls:
+            m.events.labels(self.topics.calls).inc(len(mapped.calls))
+        if mapped.rewards:
+            m.events.labels(self.topics.rewards).inc(len(mapped.rewards))
+        body_out = ExportTraceServiceResponse().SerializeToString() if protobuf else b"{}"
+        return 200, body_out, ctype
+
+    def _sequence(self, calls: list[dict[str, Any]]) -> None:
+        """Calls without ``rollstream.sequence`` are numbered per rollout attempt in start-time order."""
+        numbered: dict[str, int] = {}
+        for call in sorted(calls, key=lambda c: (c["start_time"], c["call_id"])):
+            if call["sequence"] >= 0:
+                continue
+            span = call["metadata"]["span_id"]
+            if span not in numbered:  # the choices of one span share its number
+                numbered[span] = self.tracker.next_sequence(call["rollout_id"], call["attempt"])
+            call["sequence"] = numbered[span]
+
+
+def _decompress(body: bytes, encoding: str | None) -> bytes:
+    encoding = (encoding or "identity").strip().lower()
+    try:
+        if encoding == "gzip":
+            return gzip.decompress(body)
+        if encoding == "deflate":
+            return zlib.decompress(body)
+    except (OSError, zlib.error, EOFError) as exc:
+        raise OtlpError(f"body is not valid {encoding} data: {exc}") from exc
+    if encoding != "identity":
+        raise OtlpError(f"unsupported content encoding {encoding!r}; use gzip or none")
+    return body
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rollstream otlp", description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--host", help="listen address (ROLLSTREAM_OTLP_HOST)")
+    p.add_argument("--port", type=int, help="listen port (ROLLSTREAM_OTLP_PORT, default 4318)")
+    p.add_argument("--policy", help="policy recorded on calls whose spans name none (ROLLSTREAM_OTLP_POLICY)")
+    p.add_argument("--queue-max", type=int, help="events held in memory while Kafka is unavailable")
+    p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers (ROLLSTREAM_KAFKA_BOOTSTRAP)")
+    p.add_argument("--schema-registry-url", help="schema registry URL (ROLLSTREAM_SCHEMA_REGISTRY_URL)")
+    p.add_argument("--topic-prefix", help="topic prefix (ROLLSTREAM_TOPIC_PREFIX)")
+    p.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the receiver until interrupted; 2 on a configuration error."""
+    import uvicorn
+    from rollstream.schemas import schema_text
+    from rollstream.schemas.codec import EventCodec, register, registry_client
+    from rollstream.schemas.topics import create_topics
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    names = ("host", "port", "policy", "queue_max")
+    try:
+        settings = OtlpSettings(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+        conn = dataclasses.replace(ConnectionSettings(), **{
+            n: getattr(args, n) for n in ("kafka_bootstrap", "schema_registry_url", "topic_prefix")
+            if getattr(args, n) is not None})
+        topics = Topics.from_settings(conn)
+        if not args.no_create_topics:
+            create_topics(topics, conn)
+        codec = EventCodec(registry_client(conn), topics)
+        register(codec.client, topics.calls, schema_text("LlmCall"))
+        register(codec.client, topics.rewards, schema_text("Reward"))
+    except RollstreamError as exc:
+        log.error("%s", exc)
+        return 2
+    emitter = EventEmitter(codec, conn, queue_max=settings.queue_max, on_full="raise", delivery_timeout_ms=0,
+                           name="otlp-events")
+    app = OtlpReceiver(settings, emitter, topics)
+    log.info("OTLP receiver on http://%s:%d/v1/traces; events to %s* (queue %d)", settings.host, settings.port,
+             topics.prefix, settings.queue_max)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on", access_log=False,
+                            log_level="warning")
+    # uvicorn re-raises the signal that stopped it once it has shut down; with this handler in
+    # place a SIGTERM ends run() normally, so the queued events are flushed below.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        remaining = emitter.close(timeout=30.0)
+        if remaining:
+            log.error("%d event(s) still undelivered at shutdown; they are lost", remaining)
+    return 0 if remaining == 0 else 1

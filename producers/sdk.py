@@ -1,0 +1,349 @@
+"""The in-process Python SDK: rollouts, rewards and captured calls, published from a background thread.
+
+::
+
+    client = Client()                                   # settings from ROLLSTREAM_* variables
+    openai_client = instrument(OpenAI(base_url=...))    # rollstream.producers.instrument
+    with client.rollout(task_id="t1", group_id="g1", policy="policy") as r:
+        reply = openai_client.chat.completions.create(model="policy", messages=[...])  # -> LlmCall
+        r.reward(1.0, terminal=True)                                                   # -> Reward
+    # RolloutEvent STARTED on entry; SUCCEEDED on exit, or FAILED with the error text (re-raised)
+
+``async with client.arollout(...)`` is the asyncio form. Agents that go through the gateway
+instead use ``r.base_url`` (``<gateway>/rollouts/<rollout_id>/v1``) as their OpenAI base URL.
+A reward or the finish can come later from another process that knows only the rollout id:
+``Client().reward(rollout_id, 1.0, terminal=True)``, ``Client().finish(rollout_id, "SUCCEEDED")``.
+
+The current rollout lives in a ``contextvars.ContextVar``: asyncio tasks (and
+``asyncio.to_thread``) inherit it, so concurrent rollouts in one process never mix. A new
+``threading.Thread`` or a ``ThreadPoolExecutor`` worker does not inherit context: start it
+with ``contextvars.copy_context().run`` as the target, or wrap the function with ``bind(fn)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import itertools
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar, cast, get_args
+
+from rollstream.producers import api
+from rollstream.producers.emitter import EventEmitter, OnFull, Payload
+from rollstream.producers.http import HttpError
+from rollstream.schemas import schema_text
+from rollstream.schemas.codec import EventCodec, register, registry_client
+from rollstream.schemas.topics import Topics
+
+from rollstream.errors import ConfigError, ProducerError
+from rollstream.events import DeliveryError
+from rollstream.settings import ConnectionSettings, env, env_int
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_current: contextvars.ContextVar[Rollout | None] = contextvars.ContextVar("rollstream_rollout", default=None)
+_agent: contextvars.ContextVar[str | None] = contextvars.ContextVar("rollstream_agent", default=None)
+_last_call: contextvars.ContextVar[str | None] = contextvars.ContextVar("rollstream_last_call", default=None)
+
+
+def _float_env(name: str) -> float:
+    raw = env(name)
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"ROLLSTREAM_{name}={raw!r} is not a number") from exc
+
+
+@dataclass(frozen=True)
+class SdkSettings:
+    """How the SDK names its events, where the gateway is, and how its event queue behaves."""
+
+    source: str = field(default_factory=lambda: env("SDK_SOURCE"))
+    policy: str = field(default_factory=lambda: env("SDK_POLICY"))
+    policy_version: int = field(default_factory=lambda: env_int("SDK_POLICY_VERSION"))
+    gateway_url: str = field(default_factory=lambda: env("SDK_GATEWAY_URL"))
+    queue_max: int = field(default_factory=lambda: env_int("SDK_QUEUE_MAX"))
+    on_full: OnFull = field(default_factory=lambda: cast(OnFull, env("SDK_ON_FULL")))
+    block_timeout: float = field(default_factory=lambda: _float_env("SDK_BLOCK_TIMEOUT"))
+    flush_timeout: float = field(default_factory=lambda: _float_env("SDK_FLUSH_TIMEOUT"))
+    flush_on_finish: bool = field(default_factory=lambda: env("SDK_FLUSH_ON_FINISH") not in ("0", "false", ""))
+    delivery_timeout_ms: int = field(default_factory=lambda: env_int("SDK_DELIVERY_TIMEOUT_MS"))
+    token_ids: bool = field(default_factory=lambda: env("SDK_TOKEN_IDS") not in ("0", "false", ""))
+
+    def __post_init__(self) -> None:
+        if self.on_full not in get_args(OnFull):
+            raise ConfigError(f"ROLLSTREAM_SDK_ON_FULL={self.on_full!r}: use one of {', '.join(get_args(OnFull))}")
+        if self.queue_max < 1:
+            raise ConfigError("ROLLSTREAM_SDK_QUEUE_MAX must be at least 1")
+        if self.delivery_timeout_ms < 0:
+            raise ConfigError("ROLLSTREAM_SDK_DELIVERY_TIMEOUT_MS must be 0 (forever) or more")
+
+
+def current_rollout() -> Rollout | None:
+    """The rollout of the calling context, if any."""
+    return _current.get()
+
+
+def last_call_id() -> str | None:
+    """The ``call_id`` of the last call recorded in this context (for intermediate rewards)."""
+    return _last_call.get()
+
+
+def bind(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` wrapped to run in (a copy of) the caller's context: use it as a thread's target.
+
+    ``threading.Thread(target=bind(work))`` keeps calls made in ``work`` in the current rollout.
+    """
+    ctx = contextvars.copy_context()
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        return ctx.copy().run(fn, *args, **kwargs)
+
+    return run
+
+
+def _checked(make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A record from the API's validators, with their errors as ProducerError."""
+    try:
+        return make()
+    except HttpError as exc:
+        raise ProducerError(exc.message) from exc
+
+
+class Client:
+    """Publishes rollout events, rewards and captured calls of one process."""
+
+    def __init__(
+        self,
+        settings: ConnectionSettings | None = None,
+        sdk: SdkSettings | None = None,
+        *,
+        topics: Topics | None = None,
+        emitter: EventEmitter | None = None,
+        register_schemas: bool = True,
+    ) -> None:
+        self.settings = settings or ConnectionSettings()
+        self.sdk = sdk or SdkSettings()
+        self.topics = topics or Topics.from_settings(self.settings)
+        if emitter is None:
+            codec = EventCodec(registry_client(self.settings), self.topics)
+            if register_schemas:
+                for topic, event_type in ((self.topics.calls, "LlmCall"), (self.topics.rewards, "Reward"),
+                                          (self.topics.rollouts, "RolloutEvent")):
+                    register(codec.client, topic, schema_text(event_type))  # type: ignore[arg-type]
+            emitter = EventEmitter(
+                codec, self.settings, queue_max=self.sdk.queue_max, on_full=self.sdk.on_full,
+                block_timeout=self.sdk.block_timeout, flush_timeout=self.sdk.flush_timeout,
+                delivery_timeout_ms=self.sdk.delivery_timeout_ms, name="rollstream-sdk",
+            )
+        self.emitter = emitter
+
+    # --- rollouts ------------------------------------------------------------------------
+
+    def rollout(
+        self,
+        rollout_id: str | None = None,
+        *,
+        task_id: str | None = None,
+        group_id: str | None = None,
+        policy: str | None = None,
+        attempt: int = 1,
+        agent_name: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Rollout:
+        """A rollout scope: ``with client.rollout(...) as r`` (or ``async with``)."""
+        return Rollout(self, rollout_id or uuid.uuid4().hex, attempt=attempt, task_id=task_id, group_id=group_id,
+                       policy=policy or self.sdk.policy, agent_name=agent_name, metadata=metadata or {})
+
+    arollout = rollout  # the same scope object also supports ``async with``
+
+    def start(self, rollout_id: str | None = None, *, task_id: str | None = None, group_id: str | None = None,
+              policy: str | None = None, attempt: int = 1, metadata: dict[str, str] | None = None) -> str:
+        """Publish RolloutEvent STARTED without a scope (for rollouts finished elsewhere); returns the id."""
+        body = {"rollout_id": rollout_id, "attempt": attempt, "task_id": task_id, "group_id": group_id,
+                "policy": policy, "metadata": metadata or {}}
+        record = _checked(lambda: api.start_rollout(body, self.sdk.source, self.sdk.policy))
+        self.publish(self.topics.rollouts, record["rollout_id"], record)
+        return str(record["rollout_id"])
+
+    def finish(self, rollout_id: str, status: str = "SUCCEEDED", *, error: str | None = None, attempt: int = 1,
+               policy: str | None = None, task_id: str | None = None, group_id: str | None = None,
+               metadata: dict[str, str] | None = None) -> str:
+        """Publish RolloutEvent SUCCEEDED / FAILED / CANCELLED for ``rollout_id``; returns the event id."""
+        body = {"status": status, "error": error, "attempt": attempt, "policy": policy, "task_id": task_id,
+                "group_id": group_id, "metadata": metadata or {}}
+        record = _checked(lambda: api.finish_rollout(rollout_id, body, self.sdk.source, self.sdk.policy, attempt))
+        self.publish(self.topics.rollouts, rollout_id, record)
+        return str(record["event_id"])
+
+    def reward(self, rollout_id: str, value: float, *, call_id: str | None = None, name: str = "primary",
+               terminal: bool = False, attempt: int | None = None, source: str | None = None,
+               metadata: dict[str, str] | None = None) -> str:
+        """Publish a Reward for ``rollout_id`` (value must be finite); returns the event id."""
+        body: dict[str, Any] = {"value": value, "name": name, "terminal": terminal, "attempt": attempt,
+                                "source": source, "metadata": metadata or {}}
+        if call_id is not None:
+            body["call_id"] = call_id
+        record = _checked(lambda: api.reward(rollout_id, body, self.sdk.source))
+        self.publish(self.topics.rewards, rollout_id, record)
+        return str(record["event_id"])
+
+    # --- publishing ----------------------------------------------------------------------
+
+    def publish(self, topic: str, key: str, payload: Payload) -> int:
+        """Enqueue a record (or a function building records) for ``topic``; never waits for the network."""
+        return self.emitter.submit(topic, key, payload)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything published so far is acknowledged by Kafka (DeliveryError if not)."""
+        self.emitter.flush(timeout)
+
+    def close(self, timeout: float | None = None) -> int:
+        """Flush and stop the background thread; returns the number of events not delivered."""
+        return self.emitter.close(timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Rollout:
+    """One rollout attempt in progress: the scope that captured calls and rewards belong to."""
+
+    def __init__(self, client: Client, rollout_id: str, *, attempt: int, task_id: str | None, group_id: str | None,
+                 policy: str, agent_name: str | None, metadata: dict[str, str]) -> None:
+        api.check_id(rollout_id, "rollout_id")
+        self.client = client
+        self.rollout_id = rollout_id
+        self.attempt = attempt
+        self.task_id = task_id
+        self.group_id = group_id
+        self.policy = policy
+        self.agent_name = agent_name
+        self.metadata = metadata
+        self.policy_version = client.sdk.policy_version
+        self._sequence = itertools.count()
+        self._token: contextvars.Token[Rollout | None] | None = None
+        self._last_seq = 0
+
+    @property
+    def base_url(self) -> str:
+        """The gateway URL whose calls are recorded in this rollout (an OpenAI client's ``base_url``)."""
+        base = self.client.sdk.gateway_url.rstrip("/") + f"/rollouts/{self.rollout_id}"
+        if self.attempt != 1:
+            base += f"/attempts/{self.attempt}"
+        return base + "/v1"
+
+    @property
+    def last_call_id(self) -> str | None:
+        return _last_call.get()
+
+    def next_sequence(self) -> int:
+        return next(self._sequence)  # atomic under the GIL: safe from several threads and tasks
+
+    @contextmanager
+    def agent(self, name: str) -> Iterator[None]:
+        """Calls made inside are recorded with ``agent_name=name`` (sub-agents)."""
+        token = _agent.set(name)
+        try:
+            yield
+        finally:
+            _agent.reset(token)
+
+    def current_agent(self) -> str | None:
+        return _agent.get() or self.agent_name
+
+    def reward(self, value: float, call_id: str | None = None, name: str = "primary", terminal: bool = False,
+               metadata: dict[str, str] | None = None) -> str:
+        """Publish a Reward for this rollout attempt; returns the event id."""
+        return self.client.reward(self.rollout_id, value, call_id=call_id, name=name, terminal=terminal,
+                                  attempt=self.attempt, metadata=metadata)
+
+    def record(self, topic: str, payload: Payload) -> None:
+        """Enqueue a record (or builder) keyed by this rollout; used by the instrumentation."""
+        seq = self.client.publish(topic, self.rollout_id, payload)
+        self._last_seq = max(self._last_seq, seq)
+
+    def _status(self, status: str, error: str | None = None) -> None:
+        c = self.client
+        body = {"rollout_id": self.rollout_id, "attempt": self.attempt, "task_id": self.task_id,
+                "group_id": self.group_id, "policy": self.policy, "metadata": self.metadata}
+        if status == "STARTED":
+            record = _checked(lambda: api.start_rollout(body, c.sdk.source, c.sdk.policy))
+        else:
+            body.pop("rollout_id")
+            body.update(status=status, error=error)
+            record = _checked(lambda: api.finish_rollout(self.rollout_id, body, c.sdk.source, c.sdk.policy,
+                                                         self.attempt))
+        self.record(c.topics.rollouts, record)
+
+    def _enter(self) -> Rollout:
+        if self._token is not None:
+            raise ProducerError(f"rollout {self.rollout_id} is already entered; create a new scope per attempt")
+        self._status("STARTED")
+        self._token = _current.set(self)
+        return self
+
+    def _exit(self, exc: BaseException | None) -> bool:
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None
+        if exc is None:
+            self._status("SUCCEEDED")
+        elif isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | GeneratorExit):
+            self._status("CANCELLED", f"{type(exc).__name__}: {exc}".rstrip(": "))
+        else:
+            self._status("FAILED", f"{type(exc).__name__}: {exc}".rstrip(": "))
+        return self.client.sdk.flush_on_finish
+
+    def _flush(self, raising: BaseException | None) -> None:
+        try:
+            self.client.emitter.flush(upto=self._last_seq)
+        except DeliveryError:
+            if raising is None:
+                raise
+            log.exception("rollout %s: events not published while the rollout failed", self.rollout_id)
+
+    def __enter__(self) -> Rollout:
+        return self._enter()
+
+    def __exit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._exit(exc):
+            self._flush(exc)
+
+    async def __aenter__(self) -> Rollout:
+        return self._enter()
+
+    async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._exit(exc):
+            # Wait for Kafka off the event loop; the context (and so no rollout) is irrelevant there.
+            await asyncio.to_thread(self._flush, exc)
+
+
+def with_rollout(rollout: Rollout, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """Run ``fn`` with ``rollout`` as the current rollout (e.g. in a worker thread from a pool)."""
+    token = _current.set(rollout)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _current.reset(token)
+
+
+def set_last_call(call_id: str) -> None:
+    _last_call.set(call_id)
+
+
+__all__ = ["Client", "Rollout", "SdkSettings", "bind", "current_rollout", "last_call_id", "with_rollout"]
