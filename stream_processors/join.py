@@ -1,0 +1,238 @@
+"""The per-rollout join as a pure state machine: add calls, rewards and lifecycle events; complete; expire.
+
+One :class:`RolloutState` per rollout id lives in the processor's table. Events are
+applied with :func:`apply`, which never does I/O: it returns what happened (added,
+duplicate, late, completed) and the state to store. A completed or expired rollout is
+replaced by a small *closed marker* (the ids of the events it saw and when it closed),
+kept for ``closed_ttl`` seconds so that later events are recognised as late, and repeats
+of events it already saw as duplicates.
+
+Times are the processor's wall clock when it handled the event (processing time), not
+the events' own timestamps: expiry is about how long the processor has been waiting.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+FINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+Kind = Literal["call", "reward", "rollout"]
+
+
+class Outcome(enum.Enum):
+    ADDED = "added"
+    DUPLICATE = "duplicate"
+    LATE = "late"
+    COMPLETED = "completed"
+    IGNORED = "ignored"  # a reward of another dimension: remembered (for duplicates), not joined
+
+
+@dataclass
+class CallEntry:
+    """The parts of an LlmCall that a transition needs."""
+
+    call_id: str
+    attempt: int
+    sequence: int
+    agent_name: str | None
+    policy: str
+    policy_version: int
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    response_logprobs: list[float] | None
+
+
+@dataclass
+class RewardEntry:
+    value: float
+    attempt: int | None
+    call_id: str | None
+    terminal: bool
+
+
+@dataclass
+class RolloutState:
+    rollout_id: str
+    first_seen: float
+    last_seen: float
+    seen: list[str] = field(default_factory=list)
+    calls: list[CallEntry] = field(default_factory=list)
+    rewards: list[RewardEntry] = field(default_factory=list)
+    status: dict[str, str] = field(default_factory=dict)  # attempt -> last lifecycle status
+    info: dict[str, dict[str, str | None]] = field(default_factory=dict)  # attempt -> policy/task/group
+    closed_at: float | None = None
+    closed_how: str | None = None  # completed | expired
+    max_ts: float = 0.0  # latest Kafka timestamp among its events: the stream time it completes at
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_at is not None
+
+    def dumps(self) -> bytes:
+        # orjson serializes dataclasses natively; dataclasses.asdict would deep-copy every token id.
+        return orjson.dumps(self)
+
+    @classmethod
+    def loads(cls, data: bytes) -> RolloutState:
+        raw: dict[str, Any] = orjson.loads(data)
+        raw["calls"] = [CallEntry(**c) for c in raw.get("calls", [])]
+        raw["rewards"] = [RewardEntry(**r) for r in raw.get("rewards", [])]
+        return cls(**raw)
+
+    # --- queries -------------------------------------------------------------------
+
+    def terminal_reward(self) -> RewardEntry | None:
+        """The first terminal reward that arrived (later ones are ignored)."""
+        return next((r for r in self.rewards if r.terminal), None)
+
+    def latest_attempt(self) -> int:
+        attempts = [c.attempt for c in self.calls] + [int(a) for a in self.status] + [int(a) for a in self.info]
+        return max(attempts, default=1)
+
+    def target_attempt(self) -> int:
+        terminal = self.terminal_reward()
+        if terminal is not None and terminal.attempt is not None:
+            return terminal.attempt
+        return self.latest_attempt()
+
+    def calls_of(self, attempt: int) -> list[CallEntry]:
+        return sorted((c for c in self.calls if c.attempt == attempt), key=lambda c: (c.sequence, c.call_id))
+
+    def intermediate_of(self, attempt: int) -> dict[str, float]:
+        """Non-terminal rewards attached to calls of ``attempt``, summed per call id."""
+        out: dict[str, float] = {}
+        for r in self.rewards:
+            if r.call_id is not None and not r.terminal and r.attempt in (None, attempt):
+                out[r.call_id] = out.get(r.call_id, 0.0) + r.value
+        return out
+
+    def is_complete(self, completion: str) -> bool:
+        if self.closed or self.terminal_reward() is None:
+            return False
+        if completion == "terminal_reward":
+            return True
+        return self.status.get(str(self.target_attempt())) in FINAL_STATUSES
+
+    def deadline(self, expire_after: float, expire_from: str, closed_ttl: float) -> float:
+        """When the timer must look at this rollout again: expiry if open, forgetting if closed."""
+        if self.closed_at is not None:
+            return self.closed_at + closed_ttl
+        return (self.first_seen if expire_from == "first_event" else self.last_seen) + expire_after
+
+
+def event_key(record: dict[str, Any]) -> str:
+    """Duplicates are repeats of (source, event_id)."""
+    return f"{record.get('source', '')}\x1f{record['event_id']}"
+
+
+def new_state(rollout_id: str, now: float) -> RolloutState:
+    return RolloutState(rollout_id=rollout_id, first_seen=now, last_seen=now)
+
+
+def apply(
+    state: RolloutState | None, kind: Kind, record: dict[str, Any], now: float, completion: str,
+    reward_name: str = "primary", ts: float = 0.0,
+) -> tuple[RolloutState, Outcome]:
+    """Apply one decoded event to a rollout's state (which may be None: not seen yet).
+
+    The returned state is the one to store; on COMPLETED it still holds the calls and
+    rewards (the caller builds transitions from it, then stores :func:`close`'s marker).
+    """
+    state = state or new_state(record["rollout_id"], now)
+    key = event_key(record)
+    if key in state.seen:
+        return state, Outcome.DUPLICATE
+    if state.closed:
+        return state, Outcome.LATE
+    if kind == "call" and any(c.call_id == record["call_id"] and c.attempt == record["attempt"] for c in state.calls):
+        return state, Outcome.DUPLICATE  # the same call captured twice under another event id
+    state.seen.append(key)
+    state.last_seen = now
+    state.max_ts = max(state.max_ts, ts)
+    outcome = Outcome.ADDED
+    if kind == "call":
+        state.calls.append(
+            CallEntry(
+                call_id=record["call_id"], attempt=int(record["attempt"]), sequence=int(record["sequence"]),
+                agent_name=record.get("agent_name"), policy=record["policy"],
+                policy_version=int(record["policy_version"]),
+                prompt_token_ids=list(record.get("prompt_token_ids") or []),
+                response_token_ids=list(record.get("response_token_ids") or []),
+                response_logprobs=record.get("response_logprobs"),
+            )
+        )
+    elif kind == "reward":
+        if record.get("name", "primary") != reward_name:
+            outcome = Outcome.IGNORED
+        else:
+            state.rewards.append(
+                RewardEntry(float(record["value"]), record.get("attempt"), record.get("call_id"),
+                            bool(record.get("terminal")))
+            )
+    else:
+        attempt = str(record["attempt"])
+        # A final status is never undone by a STARTED that arrives after it.
+        if not (record["status"] == "STARTED" and state.status.get(attempt) in FINAL_STATUSES):
+            state.status[attempt] = record["status"]
+        info = state.info.setdefault(attempt, {})
+        info["policy"] = record.get("policy") or info.get("policy")
+        info["task_id"] = record.get("task_id") or info.get("task_id")
+        info["group_id"] = record.get("group_id") or info.get("group_id")
+    if state.is_complete(completion):
+        outcome = Outcome.COMPLETED
+    return state, outcome
+
+
+def close(state: RolloutState, how: str, now: float) -> RolloutState:
+    """The small marker kept after completion or expiry: which events it saw, when it closed."""
+    return RolloutState(
+        rollout_id=state.rollout_id, first_seen=state.first_seen, last_seen=state.last_seen,
+        seen=list(state.seen), closed_at=now, closed_how=how, max_ts=state.max_ts,
+    )
+
+
+def is_expired(state: RolloutState, now: float, expire_after: float, expire_from: str) -> bool:
+    return not state.closed and now >= state.deadline(expire_after, expire_from, 0.0)
+
+
+class Watermarks:
+    """Stream time per input topic and partition, so a rollout completes only once its calls are in.
+
+    The topics of one partition are consumed at different paces (a backlog of calls may be
+    fetched after the rewards that followed them). A complete rollout is *ready* when every
+    input topic of its partition has been read past the rollout's latest event timestamp,
+    or has been read to its end (``caught_up``, from the consumer's high-water marks) and
+    has been idle (nothing read from it) for ``grace`` seconds.
+    """
+
+    def __init__(self, topics: tuple[str, ...], grace: float) -> None:
+        self.topics = topics
+        self.grace = grace
+        self.ts: dict[tuple[str, int], float] = {}
+        self.wall: dict[tuple[str, int], float] = {}
+        self.next_offset: dict[tuple[str, int], int] = {}
+        self.first_wall: dict[int, float] = {}
+
+    def observe(self, topic: str, partition: int, ts: float, now: float, offset: int = -1) -> None:
+        self.first_wall.setdefault(partition, now)
+        if ts > self.ts.get((topic, partition), float("-inf")):
+            self.ts[(topic, partition)] = ts
+        self.wall[(topic, partition)] = now
+        self.next_offset[(topic, partition)] = offset + 1
+
+    def ready(
+        self, partition: int, at_ts: float, now: float, caught_up: Callable[[str, int], bool] = lambda t, p: True
+    ) -> bool:
+        for topic in self.topics:
+            # Strictly later: records with the same (millisecond) timestamp may still be behind.
+            if self.ts.get((topic, partition), float("-inf")) > at_ts:
+                continue
+            last = self.wall.get((topic, partition), self.first_wall.get(partition, now))
+            if now - last < self.grace or not caught_up(topic, partition):
+                return False
+        return True

@@ -1,0 +1,189 @@
+"""What the processor does with one input record or timer check, independent of Faust.
+
+:class:`Processor` takes a raw record and the rollout's stored state and returns a
+:class:`Decision`: the state to store (or delete) and the records to produce
+(transitions, a dead letter, a late-event copy). The Faust worker does the I/O, inside
+the Kafka transaction of the input's partition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rollstream.schemas import make_event
+from rollstream.schemas.codec import EventCodec
+from rollstream.schemas.topics import Topics
+from rollstream.stream_processors import credit, join
+from rollstream.stream_processors.config import ProcessorSettings
+from rollstream.stream_processors.dead_letters import InputDecoder, dead_letter
+from rollstream.stream_processors.join import Outcome, RolloutState
+from rollstream.stream_processors.metrics import Metrics
+
+from rollstream.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+KEEP = b"\x00keep"  # Decision.state sentinel: leave the stored state as it is
+REASON_HEADER = "rollstream-late-reason"
+
+
+@dataclass
+class Output:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] | None = None
+
+
+@dataclass
+class Decision:
+    state: bytes | None = KEEP  # bytes: store; None: delete; KEEP: unchanged
+    outputs: list[Output] = field(default_factory=list)
+    deadline: float | None = None  # when the timer must check this rollout again (None: forget it)
+    pending_ts: float | None = None  # complete, waiting for the other topics to reach this stream time
+
+
+def transition_id(rollout_id: str, attempt: int, call_id: str) -> str:
+    """Deterministic: a replay or a retry of the same call yields the same id."""
+    return hashlib.sha1(f"{rollout_id}\x1f{attempt}\x1f{call_id}".encode()).hexdigest()[:32]
+
+
+class Processor:
+    def __init__(self, settings: ProcessorSettings, topics: Topics, codec: EventCodec, metrics: Metrics) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.codec = codec
+        self.metrics = metrics
+        self.decoder = InputDecoder(codec, topics, settings.max_message_bytes, settings.require_token_ids)
+        self.rules = settings.credit_rules()
+        self.agent_pattern = settings.agent_pattern()
+
+    def _deadline(self, state: RolloutState) -> float:
+        s = self.settings
+        return state.deadline(s.expire_after, s.expire_from, s.closed_ttl)
+
+    def _track(self, state: RolloutState) -> None:
+        if state.closed:
+            self.metrics.open_first_seen.pop(state.rollout_id, None)
+        else:
+            self.metrics.open_first_seen[state.rollout_id] = state.first_seen
+
+    def handle(
+        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+        stored: bytes | None, now: float, ts: float = 0.0, ready: Callable[[RolloutState], bool] = lambda s: True,
+    ) -> Decision:
+        """One record of the calls, rewards or rollouts topic."""
+        self.metrics.inc("events")
+        try:
+            decoded = self.decoder.decode(topic, key, value)
+        except BadInputError as exc:
+            self.metrics.dead_letter(exc.error_type)
+            log.warning("dead letter %s[%d]@%d (%s): %s", topic, partition, offset, exc.error_type, exc.reason)
+            record = dead_letter(self.settings.source, topic, partition, offset, key, value, exc)
+            return Decision(outputs=[Output(self.topics.dead_letters, key, self.codec.encode(self.topics.dead_letters,
+                                                                                               record))])
+        state = RolloutState.loads(stored) if stored is not None else None
+        state, outcome = join.apply(
+            state, decoded.kind, decoded.record, now, self.settings.completion, self.settings.reward_name, ts
+        )
+        if outcome is Outcome.DUPLICATE:
+            self.metrics.inc("duplicates")
+            return Decision()
+        if outcome is Outcome.LATE:
+            self.metrics.inc("late")
+            log.info("late %s %s[%d]@%d for rollout %s (%s)", decoded.kind, topic, partition, offset,
+                     decoded.rollout_id, state.closed_how)
+            headers = [
+                (REASON_HEADER, (state.closed_how or "closed").encode()),
+                ("rollstream-topic", topic.encode()),
+                ("rollstream-partition", str(partition).encode()),
+                ("rollstream-offset", str(offset).encode()),
+            ]
+            return Decision(outputs=[Output(self.topics.late_events, key, value or b"", headers)])
+        if outcome is Outcome.IGNORED:
+            self.metrics.inc("ignored_rewards")
+        if outcome is Outcome.COMPLETED:
+            if ready(state):
+                return self._complete(state, now)
+            self._track(state)
+            return Decision(state.dumps(), [], self._deadline(state), pending_ts=state.max_ts)
+        self._track(state)
+        return Decision(state.dumps(), [], self._deadline(state))
+
+    def _complete(self, state: RolloutState, now: float) -> Decision:
+        terminal = state.terminal_reward()
+        assert terminal is not None
+        outputs = self.transitions(state, terminal.value, "completed")
+        self.metrics.inc("completed")
+        state = join.close(state, "completed", now)
+        self._track(state)
+        return Decision(state.dumps(), outputs, self._deadline(state))
+
+    def check(
+        self, stored: bytes | None, now: float, ready: Callable[[RolloutState], bool] = lambda s: True
+    ) -> Decision:
+        """A look at one rollout: complete it once ready, expire it, or forget its closed marker, when due."""
+        if stored is None:
+            return Decision(deadline=None)
+        state = RolloutState.loads(stored)
+        s = self.settings
+        if state.is_complete(s.completion):
+            if ready(state):
+                return self._complete(state, now)
+            return Decision(deadline=self._deadline(state), pending_ts=state.max_ts)
+        if state.closed:
+            if now >= self._deadline(state):
+                self.metrics.open_first_seen.pop(state.rollout_id, None)
+                return Decision(state=None, deadline=None)
+            return Decision(deadline=self._deadline(state))
+        if not join.is_expired(state, now, s.expire_after, s.expire_from):
+            return Decision(deadline=self._deadline(state))
+        outputs: list[Output] = []
+        if s.expire_action == "fill":
+            terminal = state.terminal_reward()
+            outputs = self.transitions(state, terminal.value if terminal else s.fill_value, "expired")
+            self.metrics.inc("expired_filled")
+        else:
+            self.metrics.inc("expired_dropped")
+        log.info("rollout %s expired (%s, %d calls)", state.rollout_id, s.expire_action, len(state.calls))
+        state = join.close(state, "expired", now)
+        self._track(state)
+        return Decision(state.dumps(), outputs, self._deadline(state))
+
+    def transitions(self, state: RolloutState, terminal: float, how: str) -> list[Output]:
+        attempt = state.target_attempt()
+        calls = state.calls_of(attempt)
+        if not calls:
+            return []
+        info = state.info.get(str(attempt), {})
+        policy = info.get("policy") or calls[0].policy
+        rule = credit.rule_for(self.rules, policy)
+        credited = credit.assign([c.call_id for c in calls], state.intermediate_of(attempt), terminal, rule)
+        outputs = []
+        key = self.codec.encode_key(self.topics.transitions, state.rollout_id)
+        for call, (reward, ret) in zip(calls, credited, strict=True):
+            if self.agent_pattern is not None and not self.agent_pattern.search(call.agent_name or ""):
+                continue
+            tid = transition_id(state.rollout_id, attempt, call.call_id)
+            record = self._transition(state, call, tid, info, reward, ret, terminal, rule, how)
+            outputs.append(Output(self.topics.transitions, key, self.codec.encode(self.topics.transitions, record)))
+        self.metrics.inc("transitions", len(outputs))
+        return outputs
+
+    def _transition(
+        self, state: RolloutState, call: join.CallEntry, tid: str, info: dict[str, str | None], reward: float,
+        ret: float, terminal: float, rule: credit.CreditRule, how: str,
+    ) -> dict[str, Any]:
+        return make_event(
+            "Transition", transition_id=tid, event_id=tid, source=self.settings.source,
+            rollout_id=state.rollout_id, attempt=call.attempt, call_id=call.call_id, sequence=call.sequence,
+            agent_name=call.agent_name, task_id=info.get("task_id"), group_id=info.get("group_id"),
+            policy=call.policy, policy_version=call.policy_version, prompt_token_ids=call.prompt_token_ids,
+            response_token_ids=call.response_token_ids, behaviour_logprobs=call.response_logprobs,
+            reward=reward, credited_return=ret, terminal_reward=terminal, credit_assignment=rule.mode,
+            metadata={"closed": how, "gamma": str(rule.gamma)} if rule.mode == "discounted" else {"closed": how},
+        )
