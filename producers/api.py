@@ -17,6 +17,7 @@ from rollstream.producers.http import HttpError
 from rollstream.schemas import make_event
 
 MAX_ID = 256
+MAX_ATTEMPT = 2**31 - 1  # attempts are Avro ints
 FINISH_STATUSES = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
@@ -49,8 +50,8 @@ def _attempt(body: dict[str, Any], default: int | None) -> int | None:
     value = body.get("attempt", default)
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise _invalid("attempt", "must be an integer >= 1")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_ATTEMPT:
+        raise _invalid("attempt", f"must be an integer from 1 to {MAX_ATTEMPT}")
     return value
 
 
@@ -114,6 +115,10 @@ def reward(rollout_id: str, body: dict[str, Any], source: str) -> dict[str, Any]
     value = body["value"]
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise _invalid("value", f"must be a number, not {type(value).__name__}")
+    try:
+        value = float(value)
+    except OverflowError:  # an integer literal beyond the largest double
+        value = math.inf
     if not math.isfinite(value):
         raise _invalid("value", "must be finite (NaN and infinities are not rewards)")
     terminal = body.get("terminal", False)
@@ -130,7 +135,7 @@ def reward(rollout_id: str, body: dict[str, Any], source: str) -> dict[str, Any]
         attempt=_attempt(body, None),
         call_id=check_id(call_id, "call_id") if call_id is not None else None,
         name=name,
-        value=float(value),
+        value=value,
         terminal=terminal,
         metadata=_metadata(body),
     )

@@ -6,7 +6,9 @@ for example ``agent-key=models,grader-key=rewards,admin-key=models+rewards``:
 - ``models``: the OpenAI-compatible endpoints (chat, completions, models);
 - ``rewards``: the rollout and reward API (``/v1/rollouts...``).
 
-A key written without ``=`` has both scopes. Keys are compared in constant time
+The OTLP receiver reads ``ROLLSTREAM_OTLP_API_KEYS`` in the same form with one scope, ``traces``
+(``POST /v1/traces``, which publishes calls and rewards). A key written without ``=`` has every
+scope of the service that reads it. Keys are compared in constant time
 (``hmac.compare_digest`` over SHA-256 digests, every configured key checked) and never
 logged; only a key's position in the list (``key#2``) appears in logs.
 """
@@ -22,7 +24,9 @@ from rollstream.producers.http import HttpError
 
 from rollstream.errors import ConfigError
 
-ScopeName = Literal["models", "rewards"]
+ScopeName = Literal["models", "rewards", "traces"]
+GATEWAY_SCOPES: tuple[ScopeName, ...] = ("models", "rewards")
+OTLP_SCOPES: tuple[ScopeName, ...] = ("traces",)
 SCOPES: tuple[ScopeName, ...] = get_args(ScopeName)
 
 
@@ -39,8 +43,10 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def parse_api_keys(text: str) -> list[ApiKey]:
-    """Parse ``key=scope+scope,...``; malformed entries raise ConfigError (without the key)."""
+def parse_api_keys(text: str, variable: str = "ROLLSTREAM_GATEWAY_API_KEYS",
+                   scopes: tuple[ScopeName, ...] = GATEWAY_SCOPES) -> list[ApiKey]:
+    """Parse ``key=scope+scope,...`` for a service offering ``scopes``; malformed entries raise ConfigError
+    (without the key)."""
     keys: list[ApiKey] = []
     for position, entry in enumerate((e.strip() for e in text.split(",")), start=1):
         if not entry:
@@ -49,15 +55,15 @@ def parse_api_keys(text: str) -> list[ApiKey]:
         key = key.strip()
         label = f"key#{position}"
         if not key:
-            raise ConfigError(f"ROLLSTREAM_GATEWAY_API_KEYS: entry {position} has an empty key")
-        scopes = {s.strip() for s in scope_text.split("+") if s.strip()} if sep else set(SCOPES)
-        unknown = sorted(scopes - set(SCOPES))
-        if unknown or not scopes:
+            raise ConfigError(f"{variable}: entry {position} has an empty key")
+        given = {s.strip() for s in scope_text.split("+") if s.strip()} if sep else set(scopes)
+        unknown = sorted(given - set(scopes))
+        if unknown or not given:
             raise ConfigError(
-                f"ROLLSTREAM_GATEWAY_API_KEYS: {label} has scope(s) {unknown or '(none)'}; "
-                f"use {' / '.join(SCOPES)} joined with '+', e.g. key=models+rewards"
+                f"{variable}: {label} has scope(s) {unknown or '(none)'}; "
+                f"use {' / '.join(scopes)} joined with '+', e.g. key={'+'.join(scopes)}"
             )
-        keys.append(ApiKey(label, _digest(key), frozenset(scopes)))
+        keys.append(ApiKey(label, _digest(key), frozenset(given)))
     return keys
 
 
@@ -68,8 +74,9 @@ class KeyRing:
         self.keys = keys
 
     @classmethod
-    def from_text(cls, text: str) -> KeyRing:
-        return cls(parse_api_keys(text))
+    def from_text(cls, text: str, variable: str = "ROLLSTREAM_GATEWAY_API_KEYS",
+                  scopes: tuple[ScopeName, ...] = GATEWAY_SCOPES) -> KeyRing:
+        return cls(parse_api_keys(text, variable, scopes))
 
     @property
     def enabled(self) -> bool:

@@ -55,9 +55,7 @@ def strip_response(body: dict[str, Any], wants: ClientWants) -> None:
     """Remove from a whole response (or one streamed chunk) what the client did not ask for."""
     if not wants.token_ids:
         body.pop("prompt_token_ids", None)
-    for choice in body.get("choices") or ():
-        if not isinstance(choice, dict):
-            continue
+    for choice in _choices(body):
         if not wants.token_ids:
             choice.pop("token_ids", None)
             choice.pop("prompt_token_ids", None)
@@ -79,12 +77,36 @@ def strip_chunk(chunk: dict[str, Any], wants: ClientWants) -> bool:
 # --- the request side ---------------------------------------------------------------
 
 
+# Backends and clients send anything; what does not fit the LlmCall schema is recorded as null.
+INT32 = (-(2**31), 2**31 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+
+
 def _float(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any double
+        return None
 
 
-def _int(value: Any) -> int | None:
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+def _int(value: Any, bounds: tuple[int, int] = INT32) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if bounds[0] <= value <= bounds[1] else None
+
+
+def _ints(value: Any) -> list[int] | None:
+    """A list of 32-bit integers (token ids), or None when ``value`` is anything else."""
+    if not isinstance(value, list) or not all(_int(v) is not None for v in value):
+        return None
+    return list(value)
+
+
+def _choices(body: dict[str, Any]) -> list[dict[str, Any]]:
+    choices = body.get("choices")
+    return [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
 
 
 def _text(content: Any) -> str | None:
@@ -96,8 +118,17 @@ def _text(content: Any) -> str | None:
     return str(content)
 
 
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else _json(value) or ""
+
+
 def _json(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    if value is None:
+        return None
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # integers beyond 64 bits, nesting deeper than orjson allows
+        return str(value)
 
 
 def _messages(messages: Any) -> list[dict[str, Any]]:
@@ -123,7 +154,7 @@ def request_fields(endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
     stop = body.get("stop")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     n = _int(body.get("n"))
-    seed = _int(body.get("seed"))
+    seed = _int(body.get("seed"), INT64)
     model = body.get("model")
     return {
         "model": model if isinstance(model, str) else None,
@@ -134,7 +165,7 @@ def request_fields(endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
             "temperature": _float(body.get("temperature")),
             "top_p": _float(body.get("top_p")),
             "max_tokens": _int(max_tokens),
-            "stop": [stop] if isinstance(stop, str) else [str(s) for s in stop] if isinstance(stop, list) else [],
+            "stop": [stop] if isinstance(stop, str) else [_str(s) for s in stop] if isinstance(stop, list) else [],
             "seed": seed,
             "n": n if n is not None and n > 0 else 1,
         },
@@ -181,18 +212,25 @@ class ChoiceState:
     logprobs: list[float] | None = None
     prompt_token_ids: list[int] | None = None
     finish_reason: str | None = None
+    garbled: bool = False  # a chunk carried token ids or logprobs that are not numbers: record neither
 
 
 def _logprob_values(endpoint: Endpoint, logprobs: Any) -> list[float] | None:
     if not isinstance(logprobs, dict):
         return None
+    values: list[Any]
     if endpoint == "CHAT_COMPLETIONS":
         content = logprobs.get("content")
         if not isinstance(content, list):
             return None
-        return [float(t["logprob"]) for t in content if isinstance(t, dict) and t.get("logprob") is not None]
-    values = logprobs.get("token_logprobs")
-    return [float(v) for v in values if v is not None] if isinstance(values, list) else None
+        values = [t.get("logprob") for t in content if isinstance(t, dict) and t.get("logprob") is not None]
+    else:
+        raw = logprobs.get("token_logprobs")
+        if not isinstance(raw, list):
+            return None
+        values = [v for v in raw if v is not None]
+    floats = [f for f in (_float(v) for v in values) if f is not None]
+    return floats if len(floats) == len(values) else None
 
 
 def _extend(target: list[Any] | None, more: list[Any] | None) -> list[Any] | None:
@@ -208,15 +246,18 @@ def _merge_tool_calls(state: ChoiceState, deltas: Any) -> None:
     for position, delta in enumerate(deltas if isinstance(deltas, list) else ()):
         if not isinstance(delta, dict):
             continue
-        slot = state.tool_calls.setdefault(int(delta.get("index", position)), {"function": {"arguments": ""}})
+        index = _int(delta.get("index"))
+        slot = state.tool_calls.setdefault(position if index is None else index, {"function": {"arguments": ""}})
         for key in ("id", "type"):
             if delta.get(key):
                 slot[key] = delta[key]
-        function = delta.get("function") or {}
+        function = delta.get("function")
+        if not isinstance(function, dict):
+            continue
         if function.get("name"):
             slot["function"]["name"] = function["name"]
         if function.get("arguments"):
-            slot["function"]["arguments"] += function["arguments"]
+            slot["function"]["arguments"] += _str(function["arguments"])
 
 
 class CallAssembler:
@@ -231,59 +272,64 @@ class CallAssembler:
         self.policy_version: int | None = None
 
     def _top(self, body: dict[str, Any]) -> None:
-        if self.prompt_token_ids is None and isinstance(body.get("prompt_token_ids"), list):
-            self.prompt_token_ids = body["prompt_token_ids"]
+        if self.prompt_token_ids is None:
+            self.prompt_token_ids = _ints(body.get("prompt_token_ids"))
         if isinstance(body.get("usage"), dict):
             self.usage = body["usage"]
         if self.model is None and isinstance(body.get("model"), str):
             self.model = body["model"]
-        version = body.get("policy_version")
-        if isinstance(version, int) and not isinstance(version, bool):
+        version = _int(body.get("policy_version"), INT64)
+        if version is not None:
             self.policy_version = version
 
     def _state(self, choice: dict[str, Any]) -> ChoiceState:
-        index = int(choice.get("index", 0))
+        index = _int(choice.get("index")) or 0
         state = self.choices.get(index)
         if state is None:
             state = self.choices[index] = ChoiceState(index)
-        if state.prompt_token_ids is None and isinstance(choice.get("prompt_token_ids"), list):
-            state.prompt_token_ids = choice["prompt_token_ids"]
+        if state.prompt_token_ids is None:
+            state.prompt_token_ids = _ints(choice.get("prompt_token_ids"))
         if choice.get("finish_reason") is not None:
-            state.finish_reason = str(choice["finish_reason"])
+            state.finish_reason = _str(choice["finish_reason"])
         return state
 
     def add_response(self, body: dict[str, Any]) -> None:
         """A whole (non-streamed) response."""
         self._top(body)
         endpoint = self.ctx.endpoint
-        for choice in body.get("choices") or ():
+        for choice in _choices(body):
             state = self._state(choice)
             if endpoint == "CHAT_COMPLETIONS":
-                message = choice.get("message") or {}
+                message = choice.get("message")
+                message = message if isinstance(message, dict) else {}
                 state.text.append(_text(message.get("content")) or "")
                 _merge_tool_calls(state, message.get("tool_calls"))
             else:
-                state.text.append(str(choice.get("text") or ""))
-            state.token_ids = _extend(None, choice.get("token_ids"))
+                state.text.append(_str(choice.get("text") or ""))
+            state.token_ids = _ints(choice.get("token_ids"))
             state.logprobs = _logprob_values(endpoint, choice.get("logprobs"))
 
     def add_chunk(self, chunk: dict[str, Any]) -> None:
         """One streamed chunk (``chat.completion.chunk`` or ``text_completion``)."""
         self._top(chunk)
         endpoint = self.ctx.endpoint
-        for choice in chunk.get("choices") or ():
+        for choice in _choices(chunk):
             state = self._state(choice)
             if endpoint == "CHAT_COMPLETIONS":
-                delta = choice.get("delta") or {}
+                delta = choice.get("delta")
+                delta = delta if isinstance(delta, dict) else {}
                 content = delta.get("content")
                 if content:
-                    state.text.append(content)
+                    state.text.append(_text(content) or "")
                 if delta.get("tool_calls"):
                     _merge_tool_calls(state, delta["tool_calls"])
             elif choice.get("text"):
-                state.text.append(choice["text"])
-            state.token_ids = _extend(state.token_ids, choice.get("token_ids"))
-            state.logprobs = _extend(state.logprobs, _logprob_values(endpoint, choice.get("logprobs")))
+                state.text.append(_str(choice["text"]))
+            ids, logprobs = _ints(choice.get("token_ids")), _logprob_values(endpoint, choice.get("logprobs"))
+            state.garbled |= (ids is None and choice.get("token_ids") is not None) or (
+                logprobs is None and isinstance(choice.get("logprobs"), dict))
+            state.token_ids = _extend(state.token_ids, ids)
+            state.logprobs = _extend(state.logprobs, logprobs)
 
     def events(self, policy_version: int | None = None) -> list[dict[str, Any]]:
         """One LlmCall per choice that finished; ``policy_version`` (a response header) beats the default."""
@@ -319,8 +365,8 @@ class CallAssembler:
                     response_text="".join(state.text),
                     response_tool_calls_json=_json(tool_calls),
                     prompt_token_ids=state.prompt_token_ids or self.prompt_token_ids,
-                    response_token_ids=state.token_ids,
-                    response_logprobs=state.logprobs,
+                    response_token_ids=None if state.garbled else state.token_ids,
+                    response_logprobs=None if state.garbled else state.logprobs,
                     finish_reason=state.finish_reason,
                     prompt_tokens=_int(usage.get("prompt_tokens")),
                     completion_tokens=completion_tokens,

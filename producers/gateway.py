@@ -42,7 +42,7 @@ from rollstream.producers.proxy import Attribution, ModelProxy, OnFull
 from rollstream.producers.publisher import KafkaPublisher, Publisher
 from rollstream.schemas.topics import Topics
 
-from rollstream.errors import ConfigError, RollstreamError
+from rollstream.errors import ConfigError, RollstreamError, SerializationError
 from rollstream.settings import ConnectionSettings, env, env_int
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,9 @@ def parse_attribution(path: str, scope: Scope) -> tuple[str, Attribution | None]
             attempt = int(attempt_text)
         except ValueError:
             attempt = 0
-        if attempt < 1:
-            raise HttpError(400, f"attempt must be an integer >= 1, got {attempt_text!r}", param="X-Attempt")
+        if not 1 <= attempt <= api.MAX_ATTEMPT:
+            raise HttpError(400, f"attempt must be an integer from 1 to {api.MAX_ATTEMPT}, got {attempt_text!r}",
+                            param="X-Attempt")
     return path, Attribution(rollout_id, attempt, agent or None)
 
 
@@ -249,7 +250,11 @@ class Gateway:
 
     def _publish(self, topic: str, record: dict[str, Any], endpoint: str) -> None:
         # Rollout and reward events are never dropped silently, whatever --on-full says.
-        if not self.publisher.publish(topic, record["rollout_id"], [record]):
+        try:
+            published = self.publisher.publish(topic, record["rollout_id"], [record])
+        except SerializationError as exc:  # e.g. text with unpaired surrogates (\ud800), which JSON allows
+            raise HttpError(422, f"the event cannot be recorded: {exc}", code="invalid_field") from exc
+        if not published:
             self.metrics.rejected.labels(endpoint).inc()
             raise HttpError(503, "the gateway's event queue is full (Kafka is unavailable or slow); retry later",
                             code="event_queue_full")

@@ -32,6 +32,8 @@ LLM_OPERATIONS = {"chat": "CHAT_COMPLETIONS", "generate_content": "CHAT_COMPLETI
 REWARD_SPAN_NAMES = {"rollstream.reward", "agentlightning.reward"}
 ROLLOUT_KEYS = ("rollstream.rollout_id", "agentlightning.rollout_id")
 REWARD_VALUE_KEYS = ("rollstream.reward.value", "agentlightning.reward", "reward")
+INT32 = (-(2**31), 2**31 - 1)  # most integer fields of LlmCall and Reward are Avro ints
+INT64 = (-(2**63), 2**63 - 1)
 
 
 def decode_request(body: bytes, content_type: str) -> ExportTraceServiceRequest:
@@ -153,14 +155,15 @@ class SpanReader:
             raise self.error(keys[0], "must be a string")
         return str(value)
 
-    def integer(self, key: str, minimum: int | None = None) -> int | None:
+    def integer(self, key: str, minimum: int | None = None, bounds: tuple[int, int] = INT32) -> int | None:
         value = self.get(key)
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             value = int(value)
         if value is None:
             return None
-        if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
-            raise self.error(key, "must be an integer" + (f" >= {minimum}" if minimum is not None else ""))
+        low = bounds[0] if minimum is None else max(minimum, bounds[0])
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= bounds[1]:
+            raise self.error(key, f"must be an integer from {low} to {bounds[1]}")
         return value
 
     def number(self, key: str) -> float | None:
@@ -185,8 +188,9 @@ class SpanReader:
             raise self.error(key, "must be an array of numbers")
         out = []
         for item in value:
-            if kind is int and (not isinstance(item, int) or isinstance(item, bool)):
-                raise self.error(key, f"must be an array of integers, found {item!r}")
+            if kind is int and (not isinstance(item, int) or isinstance(item, bool)
+                                or not INT32[0] <= item <= INT32[1]):
+                raise self.error(key, f"must be an array of integers (32-bit), found {item!r}")
             if kind is float and (not isinstance(item, int | float) or isinstance(item, bool)):
                 raise self.error(key, f"must be an array of numbers, found {item!r}")
             out.append(kind(item))
@@ -289,7 +293,7 @@ def _calls(reader: SpanReader, endpoint: str, default_policy: str) -> list[dict[
         "agent_name": reader.text("gen_ai.agent.name", "rollstream.agent_name", resource=True),
         "policy": reader.text("rollstream.policy", resource=True) or reader.text("gen_ai.response.model")
         or reader.text("gen_ai.request.model") or default_policy,
-        "policy_version": reader.integer("rollstream.policy_version", 0) or 0,
+        "policy_version": reader.integer("rollstream.policy_version", 0, INT64) or 0,
         "model": reader.text("gen_ai.request.model"),
         "endpoint": endpoint,
         "messages": messages if endpoint == "CHAT_COMPLETIONS" else [],
@@ -300,7 +304,7 @@ def _calls(reader: SpanReader, endpoint: str, default_policy: str) -> list[dict[
             "top_p": reader.number("gen_ai.request.top_p"),
             "max_tokens": reader.integer("gen_ai.request.max_tokens"),
             "stop": [str(s) for s in stop] if isinstance(stop, list) else [stop] if isinstance(stop, str) else [],
-            "seed": reader.integer("gen_ai.request.seed"),
+            "seed": reader.integer("gen_ai.request.seed", bounds=INT64),
             "n": reader.integer("gen_ai.request.choice.count", 1) or 1,
         },
         "prompt_tokens": reader.integer("gen_ai.usage.input_tokens") or reader.integer("gen_ai.usage.prompt_tokens"),
@@ -339,5 +343,10 @@ def _tools(reader: SpanReader) -> str | None:
     tools = reader.get("gen_ai.tool.definitions", "gen_ai.request.tools")
     if tools is None:
         return None
-    return tools if isinstance(tools, str) else orjson.dumps(tools).decode()
+    return tools if isinstance(tools, str) else dumps(tools)
+
+
+def dumps(value: Any) -> str:
+    """JSON text of an attribute value; bytes values (OTLP bytesValue) are written as hex."""
+    return orjson.dumps(value, default=lambda v: v.hex() if isinstance(v, bytes) else str(v)).decode()
 

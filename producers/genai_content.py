@@ -25,7 +25,12 @@ Choice = tuple[str, str | None, str | None]  # text, tool calls as JSON, finish 
 
 
 def _json(value: Any) -> str:
-    return value if isinstance(value, str) else orjson.dumps(value).decode()
+    return value if isinstance(value, str) else _dumps(value)
+
+
+def _dumps(value: Any) -> str:
+    # Attribute values may hold bytes (OTLP bytesValue), which JSON has no type for: written as hex.
+    return orjson.dumps(value, default=lambda v: v.hex() if isinstance(v, bytes) else str(v)).decode()
 
 
 def _message(raw: Any) -> tuple[dict[str, Any], str | None]:
@@ -63,7 +68,7 @@ def _message(raw: Any) -> tuple[dict[str, Any], str | None]:
         "content": "".join(texts) if texts or content is not None else None,
         "name": name if isinstance(name, str) else None,
         "tool_call_id": tool_call_id if isinstance(tool_call_id, str) else None,
-        "tool_calls_json": orjson.dumps(tool_calls).decode() if tool_calls else None,
+        "tool_calls_json": _dumps(tool_calls) if tool_calls else None,
     }, None if finish is None else str(finish)
 
 

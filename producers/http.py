@@ -47,9 +47,11 @@ class HttpError(GatewayError):
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> bytes:
     """``{"error": {...}}`` in the shape OpenAI clients parse."""
-    return orjson.dumps(
-        {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": code}}
-    )
+    error = {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": code}}
+    try:
+        return orjson.dumps(error)
+    except TypeError:  # a message quoting client text that is not valid UTF-8: escape it instead
+        return json.dumps(error).encode()
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:
@@ -76,11 +78,30 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     non-finite floats so that validation can refuse them naming the field that holds them."""
     try:
         value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HttpError(400, f"request body is not valid JSON: {exc}") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise HttpError(400, f"request body is not valid JSON: {str(exc)[:200]}") from exc
     if not isinstance(value, dict):
         raise HttpError(400, f"request body must be a JSON object, not {type(value).__name__}")
+    _check_text(value)
     return value
+
+
+def _check_text(value: Any) -> None:
+    """400 for strings with unpaired surrogates (``"\\ud800"``): JSON allows them, UTF-8 and Avro do not."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError as exc:
+                raise HttpError(400, "request body holds text that is not valid Unicode (an unpaired surrogate "
+                                     f"escape such as \\ud800 at character {exc.start})") from exc
 
 
 async def respond(

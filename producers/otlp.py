@@ -8,6 +8,11 @@ keyed by rollout id (mapping in ``rollstream.producers.genai``). Other spans are
 counted at ``GET /metrics``. A malformed request is answered 400 with the reason and
 publishes nothing; a full event queue (Kafka down for long) is answered 503, which OTLP
 exporters retry. ``GET /healthz`` reports the queue depth.
+
+With ``ROLLSTREAM_OTLP_API_KEYS`` set, ``POST /v1/traces`` needs ``Authorization: Bearer <key>``
+with the ``traces`` scope (401 without a known key, 403 without the scope; see
+``rollstream.producers.auth``; exporters send it with ``OTEL_EXPORTER_OTLP_HEADERS``). Without
+keys the receiver binds loopback only.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import orjson
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from rollstream.producers.auth import OTLP_SCOPES, KeyRing
 from rollstream.producers.emitter import EventEmitter, Payload
 from rollstream.producers.genai import decode_request, map_request
 from rollstream.producers.http import HttpError, Receive, Scope, Send, header, read_body, respond
@@ -37,6 +43,7 @@ log = logging.getLogger(__name__)
 
 PROTOBUF = b"application/x-protobuf"
 GRPC_INVALID_ARGUMENT, GRPC_UNAVAILABLE, GRPC_INTERNAL = 3, 14, 13
+GRPC_PERMISSION_DENIED, GRPC_UNAUTHENTICATED = 7, 16
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class OtlpSettings:
     policy: str = field(default_factory=lambda: env("OTLP_POLICY"))
     queue_max: int = field(default_factory=lambda: env_int("OTLP_QUEUE_MAX"))
     max_body: int = field(default_factory=lambda: env_int("OTLP_MAX_BODY"))
+    api_keys: str = field(default_factory=lambda: env("OTLP_API_KEYS"), repr=False)
 
     def __post_init__(self) -> None:
         for name in ("queue_max", "max_body"):
@@ -110,6 +118,7 @@ class OtlpReceiver:
         self.metrics = metrics or OtlpMetrics()
         self.metrics.watch(emitter)
         self.tracker = RolloutTracker()
+        self.keys = KeyRing.from_text(settings.api_keys, "ROLLSTREAM_OTLP_API_KEYS", OTLP_SCOPES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -140,6 +149,11 @@ class OtlpReceiver:
         content_type = header(scope, b"content-type") or ""
         protobuf = "json" not in content_type.lower()
         ctype = PROTOBUF if protobuf else b"application/json"
+        try:
+            self.keys.authorize(header(scope, b"authorization"), "traces")
+        except HttpError as exc:
+            return exc.status, status_body(protobuf, GRPC_UNAUTHENTICATED if exc.status == 401
+                                           else GRPC_PERMISSION_DENIED, exc.message), ctype
         try:
             raw = await read_body(receive, self.settings.max_body)
         except HttpError as exc:
@@ -218,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the receiver until interrupted; 2 on a configuration error."""
     import uvicorn
+    from rollstream.producers.gateway import is_loopback
     from rollstream.schemas import schema_text
     from rollstream.schemas.codec import EventCodec, register, registry_client
     from rollstream.schemas.topics import create_topics
@@ -230,6 +245,15 @@ def main(argv: list[str] | None = None) -> int:
         conn = dataclasses.replace(ConnectionSettings(), **{
             n: getattr(args, n) for n in ("kafka_bootstrap", "schema_registry_url", "topic_prefix")
             if getattr(args, n) is not None})
+        keys = KeyRing.from_text(settings.api_keys, "ROLLSTREAM_OTLP_API_KEYS", OTLP_SCOPES)
+        if not keys.enabled:
+            if not is_loopback(settings.host):
+                raise ConfigError(
+                    f"no API keys configured, so the OTLP receiver only binds loopback, not {settings.host!r}; "
+                    "set ROLLSTREAM_OTLP_API_KEYS (e.g. 'exporter-key=traces')"
+                )
+            log.warning("no API keys configured (ROLLSTREAM_OTLP_API_KEYS): authentication is OFF; "
+                        "binding loopback only (%s)", settings.host)
         topics = Topics.from_settings(conn)
         if not args.no_create_topics:
             create_topics(topics, conn)

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 OnFull = Literal["reject", "serve-and-count"]
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 TRACKED_ROLLOUTS = 100_000
+# Queue room reserved per call is its n, up to this; a larger n is the backend's to refuse (4xx),
+# not a reason to answer 503 as if Kafka were away.
+MAX_RESERVED_CHOICES = 128
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,7 @@ class ModelProxy:
         if not isinstance(body, dict):
             raise HttpError(400, "request body must be a JSON object")
         n: int = body["n"] if isinstance(body.get("n"), int) else 1
+        n = min(max(n, 1), MAX_RESERVED_CHOICES)
         record = True
         if not self.publisher.has_room(max(n, 1)):
             if self.on_full == "reject":
@@ -278,6 +282,8 @@ class ModelProxy:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise HttpError(502, f"backend answered with invalid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise HttpError(502, f"backend answered with a JSON {type(data).__name__}, not a completion object")
         call.add_response(data)
         if call.policy_version is not None:
             self.policy_version = call.policy_version

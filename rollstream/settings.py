@@ -7,9 +7,11 @@ nothing needs setting on a developer machine.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rollstream.errors import ConfigError
 
@@ -91,6 +93,12 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "0.5",
         "Seconds an input topic-partition must be idle before completions wait no more for it.",
     ),
+    # --- security ---
+    "KAFKA_CONFIG": (
+        "",
+        "Extra librdkafka settings for every Kafka client (SASL, TLS): JSON object or 'k=v,k=v'.",
+    ),
+    "OTLP_API_KEYS": ("", "OTLP receiver keys: 'key=traces,key2'; empty: no auth, loopback only."),
     # --- serving (rollstream serve) ---
     "SERVE_HOST": ("127.0.0.1", "Address the policy server (rollstream serve) listens on."),
     "SERVE_PORT": ("8000", "Port the policy server listens on."),
@@ -177,7 +185,38 @@ class ConnectionSettings:
     mlflow_tracking_uri: str = field(default_factory=lambda: env("MLFLOW_TRACKING_URI"))
     topic_prefix: str = field(default_factory=lambda: env("TOPIC_PREFIX"))
     partitions: int = field(default_factory=lambda: env_int("PARTITIONS"))
+    kafka_config: str = field(default_factory=lambda: env("KAFKA_CONFIG"), repr=False)  # may hold passwords
 
     def __post_init__(self) -> None:
         if self.partitions < 1:
             raise ConfigError(f"{PREFIX}PARTITIONS must be at least 1, got {self.partitions}")
+        kafka_client_config(self.kafka_config)  # refuse a malformed value at start, not at first use
+
+
+def kafka_client_config(text: str) -> dict[str, Any]:
+    """``ROLLSTREAM_KAFKA_CONFIG`` as librdkafka settings: a JSON object, or ``key=value`` pairs split on commas.
+
+    For example ``security.protocol=SASL_SSL,sasl.mechanism=PLAIN,sasl.username=u,sasl.password=p`` or
+    ``{"security.protocol": "SSL", "ssl.ca.location": "/etc/ssl/ca.pem"}``. Values are never logged.
+    """
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{PREFIX}KAFKA_CONFIG is not a valid JSON object: {exc}") from exc
+        if not isinstance(value, dict) or not all(isinstance(v, str | int | float | bool) for v in value.values()):
+            raise ConfigError(f"{PREFIX}KAFKA_CONFIG must be a JSON object of strings, numbers or booleans")
+        return value
+    out: dict[str, Any] = {}
+    for position, entry in enumerate((e.strip() for e in text.split(",")), start=1):
+        if not entry:
+            continue
+        key, sep, value = entry.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{PREFIX}KAFKA_CONFIG: entry {position} is not 'key=value' (use JSON for values "
+                              "with commas)")
+        out[key.strip()] = value.strip()
+    return out

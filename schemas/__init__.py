@@ -62,6 +62,23 @@ def _fields(event_type: EventType) -> tuple[dict[str, Any], ...]:
     return tuple(schema_dict(event_type)["fields"])
 
 
+@cache
+def int_fields(event_type: EventType) -> tuple[tuple[str, ...], ...]:
+    """Paths of the fields typed plain ``int`` (not in a union), through nested records."""
+    out: list[tuple[str, ...]] = []
+
+    def walk(fields: list[dict[str, Any]], prefix: tuple[str, ...]) -> None:
+        for f in fields:
+            t = f["type"]
+            if t == "int" or (isinstance(t, dict) and t.get("type") == "int"):
+                out.append((*prefix, f["name"]))
+            elif isinstance(t, dict) and t.get("type") == "record":
+                walk(t["fields"], (*prefix, f["name"]))
+
+    walk(schema_dict(event_type)["fields"], ())
+    return tuple(out)
+
+
 def field_names(event_type: EventType) -> list[str]:
     return [f["name"] for f in schema_dict(event_type)["fields"]]
 

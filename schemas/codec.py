@@ -16,7 +16,8 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient, Schema
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext, StringDeserializer, StringSerializer
 from confluent_kafka.serialization import SerializationError as KafkaSerdeError
-from rollstream.schemas import EventType, parsed_schema, schema_text
+from fastavro.read import SchemaResolutionError
+from rollstream.schemas import EventType, int_fields, parsed_schema, schema_text
 from rollstream.schemas.topics import Topics
 
 from rollstream.errors import SchemaError, SerializationError
@@ -25,6 +26,11 @@ from rollstream.settings import ConnectionSettings
 COMPATIBILITY = "BACKWARD"
 MAGIC_BYTE = 0
 HEADER = struct.Struct(">bI")
+# What fastavro raises on bytes that are not a record of the reader's schema: truncated input,
+# invalid UTF-8, out-of-range enum or union indexes, a writer schema the reader cannot resolve.
+# Errors reaching the registry (a connection refused) are not among them: they are not the data's fault.
+BAD_BODY_ERRORS = (ValueError, EOFError, IndexError, TypeError, KeyError, OverflowError,
+                   SchemaResolutionError)
 
 
 def registry_client(settings: ConnectionSettings | None = None) -> SchemaRegistryClient:
@@ -97,9 +103,10 @@ class EventCodec:
         if ser is None:
             ser = AvroSerializer(self.client, schema_text(self._event_type(topic)))
             self._serializers[topic] = ser
+        check_int_fields(self._event_type(topic), record)
         try:
             data = ser(record, SerializationContext(topic, MessageField.VALUE))
-        except (KafkaSerdeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (KafkaSerdeError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             raise SerializationError(f"cannot encode a {self._event_type(topic)} for '{topic}': {exc}") from exc
         assert data is not None
         return data
@@ -113,8 +120,8 @@ class EventCodec:
         parse_header(data)
         try:
             record = de(data, SerializationContext(topic, MessageField.VALUE))
-        except (KafkaSerdeError, SchemaRegistryError, ValueError, EOFError, IndexError, TypeError) as exc:
-            raise SerializationError(f"cannot decode a record of '{topic}': {exc}") from exc
+        except (KafkaSerdeError, SchemaRegistryError, *BAD_BODY_ERRORS) as exc:
+            raise SerializationError(f"cannot decode a record of '{topic}': {_short(exc)}") from exc
         if not isinstance(record, dict):
             raise SerializationError(f"record of '{topic}' decoded to {type(record).__name__}, not a record")
         return record
@@ -130,15 +137,45 @@ class EventCodec:
 
 def encode_body(event_type: EventType, record: dict[str, Any]) -> bytes:
     """The bare Avro binary body of ``record`` (no wire-format header): the test vectors' form."""
+    check_int_fields(event_type, record)
     buf = io.BytesIO()
     try:
         fastavro.schemaless_writer(buf, parsed_schema(event_type), record)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
         raise SerializationError(f"cannot encode a {event_type}: {exc}") from exc
     return buf.getvalue()
 
 
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+
+
+def check_int_fields(event_type: EventType, record: dict[str, Any]) -> None:
+    """SerializationError when a plain ``int`` field holds a value outside 32 bits.
+
+    fastavro range-checks ints inside unions but writes a plain ``int`` field of any size as a
+    longer varint, which Java and librdkafka-based readers then refuse to decode.
+    """
+    for path in int_fields(event_type):
+        value: Any = record
+        for name in path:
+            value = value.get(name) if isinstance(value, dict) else None
+        if isinstance(value, int) and not INT_MIN <= value <= INT_MAX:
+            raise SerializationError(
+                f"cannot encode a {event_type}: field {'.'.join(path)}={value} does not fit Avro's 32-bit int")
+
+
 def decode_body(event_type: EventType, body: bytes) -> dict[str, Any]:
-    record = fastavro.schemaless_reader(io.BytesIO(body), parsed_schema(event_type), None)
-    assert isinstance(record, dict)
+    """The record in a bare Avro body of ``event_type``; SerializationError when the bytes are not one."""
+    try:
+        record = fastavro.schemaless_reader(io.BytesIO(body), parsed_schema(event_type), None)
+    except BAD_BODY_ERRORS as exc:
+        raise SerializationError(f"cannot decode a {event_type} body of {len(body)} bytes: {_short(exc)}") from exc
+    if not isinstance(record, dict):
+        raise SerializationError(f"a {event_type} body decoded to {type(record).__name__}, not a record")
     return record
+
+
+def _short(exc: BaseException) -> str:
+    # fastavro's schema-mismatch message embeds both whole schemas; the first line says enough.
+    text = str(exc)
+    return text if len(text) <= 300 else text[:300] + "..."

@@ -18,7 +18,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from rollstream.schemas import EventType
 
 from rollstream.errors import TopicError
-from rollstream.settings import ConnectionSettings
+from rollstream.settings import ConnectionSettings, kafka_client_config
 
 log = logging.getLogger(__name__)
 
@@ -102,38 +102,51 @@ class Topics:
         raise TopicError(f"'{topic}' is not one of Rollstream's topics (prefix {self.prefix!r})")
 
 
+def client_config(settings: ConnectionSettings | None = None, **overrides: Any) -> dict[str, Any]:
+    """Settings every Kafka client starts from: the bootstrap servers and ``ROLLSTREAM_KAFKA_CONFIG``
+    (SASL, TLS and any other librdkafka setting), then ``overrides``. Admin clients use it as is."""
+    settings = settings or ConnectionSettings()
+    conf: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap}
+    conf.update(kafka_client_config(settings.kafka_config))
+    conf.update(overrides)
+    return conf
+
+
 def producer_config(settings: ConnectionSettings | None = None, **overrides: Any) -> dict[str, Any]:
-    """Idempotent, fully acknowledged, murmur2-partitioned producer settings."""
+    """Idempotent, fully acknowledged, murmur2-partitioned producer settings.
+
+    Precedence: these defaults, then ``ROLLSTREAM_KAFKA_CONFIG``, then ``overrides`` from the caller.
+    """
     settings = settings or ConnectionSettings()
     conf: dict[str, Any] = {
-        "bootstrap.servers": settings.kafka_bootstrap,
         "partitioner": PARTITIONER,
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
     }
+    conf.update(kafka_client_config(settings.kafka_config))
     conf.update(overrides)
-    return conf
+    return client_config(settings, **conf)
 
 
 def consumer_config(group_id: str, settings: ConnectionSettings | None = None, **overrides: Any) -> dict[str, Any]:
     """A consumer that sees only committed transactional data and commits explicitly."""
     settings = settings or ConnectionSettings()
     conf: dict[str, Any] = {
-        "bootstrap.servers": settings.kafka_bootstrap,
         "group.id": group_id,
         "isolation.level": "read_committed",
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
     }
+    conf.update(kafka_client_config(settings.kafka_config))
     conf.update(overrides)
-    return conf
+    return client_config(settings, **conf)
 
 
 def create_topics(topics: Topics, settings: ConnectionSettings | None = None, timeout: float = 30.0) -> list[str]:
     """Create every topic that is missing; check that existing ones fit. Returns those created."""
     settings = settings or ConnectionSettings()
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient(client_config(settings))
     try:
         existing = admin.list_topics(timeout=timeout).topics
     except KafkaException as exc:
@@ -163,7 +176,7 @@ def check_copartitioned(
 ) -> int:
     """The shared partition count of calls, rewards and rollouts, or an error naming the fix."""
     settings = settings or ConnectionSettings()
-    admin = admin or AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = admin or AdminClient(client_config(settings))
     meta = admin.list_topics(timeout=30).topics
     counts = {}
     for name in topics.copartitioned:

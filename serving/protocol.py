@@ -78,6 +78,10 @@ def _sampling(body: dict[str, Any], max_tokens_key: tuple[str, ...], default_max
     if not all(isinstance(s, str) for s in stops):
         raise InvalidRequestError("'stop' must be a string or a list of strings", "stop")
     seed = _get(body, "seed", int)
+    # torch generators take 64-bit seeds and choice i uses seed + i; a seed past that range would
+    # fail the whole batch it is admitted into, other clients' requests included.
+    if seed is not None and not -(2**63) <= seed <= 2**63 - 1:
+        raise InvalidRequestError(f"'seed' must be a 64-bit signed integer, got {seed}", "seed")
     stream = _get(body, "stream", bool, False)
     params = [
         SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,

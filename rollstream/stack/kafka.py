@@ -1,10 +1,16 @@
-"""Apache Kafka, one KRaft node (broker + controller), from its Maven Central jars."""
+"""Apache Kafka, one KRaft node (broker + controller), from its Maven Central jars.
+
+``SaslKafka`` is the same broker with SASL/PLAIN on its client listener, for checking that
+``ROLLSTREAM_KAFKA_CONFIG`` (security.protocol, sasl.*) reaches every client; it is not part
+of the local stack.
+"""
 
 from __future__ import annotations
 
 import base64
 import uuid
 from pathlib import Path
+from typing import Any
 
 from rollstream.stack.base import Service
 from rollstream.stack.process import require_tool, run_checked
@@ -104,7 +110,7 @@ class Kafka(Service):
         java = require_tool("java")
         conf_dir = self.settings.state_dir / "conf"
         conf_dir.mkdir(parents=True, exist_ok=True)
-        props = conf_dir / "kafka.properties"
+        props = conf_dir / f"{self.name}.properties"
         props.write_text(self._server_properties())
         (conf_dir / "kafka-log4j2.yaml").write_text(LOG4J2)
         classpath = str(self._home / "libs" / "*")
@@ -130,9 +136,56 @@ class Kafka(Service):
         try:
             admin = AdminClient(
                 # log_level 0: a broker that is still starting is expected, not worth a log line.
-                {"bootstrap.servers": self.url, "socket.timeout.ms": 2000, "log_level": 0}
+                {"bootstrap.servers": self.url, "socket.timeout.ms": 2000, "log_level": 0, **self.client_config()}
             )
             meta = admin.list_topics(timeout=2)
             return bool(meta.brokers)
         except Exception:  # noqa: BLE001 - any failure means "not healthy yet"
             return False
+
+    def client_config(self) -> dict[str, Any]:
+        """What a client needs beyond bootstrap.servers to talk to this broker."""
+        return {}
+
+
+class SaslKafka(Kafka):
+    """A single-node broker whose client listener requires SASL/PLAIN (``users``: name -> password).
+
+    The controller listener stays PLAINTEXT on loopback. Run it with its own ``state_dir`` and
+    ports; ``client_config(user)`` gives the librdkafka settings a client of ``user`` needs.
+    """
+
+    name = "kafka-sasl"
+
+    def __init__(self, settings: Any, users: dict[str, str]) -> None:
+        super().__init__(settings)
+        if "admin" not in users:
+            raise ValueError("SaslKafka needs an 'admin' user: the broker authenticates to itself as admin")
+        self.users = users
+
+    def _server_properties(self) -> str:
+        port = self.port
+        accounts = " ".join(f'user_{name}="{password}"' for name, password in self.users.items())
+        jaas = (f'org.apache.kafka.common.security.plain.PlainLoginModule required username="admin" '
+                f'password="{self.users["admin"]}" {accounts};')
+        lines = []
+        for line in super()._server_properties().splitlines():
+            key = line.partition("=")[0]
+            if key in ("listeners", "advertised.listeners", "listener.security.protocol.map",
+                       "inter.broker.listener.name"):
+                continue
+            lines.append(line)
+        lines[-1:-1] = [
+            f"listeners=SASL_PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{port + 1}",
+            f"advertised.listeners=SASL_PLAINTEXT://127.0.0.1:{port}",
+            "listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name=SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms=PLAIN",
+            "sasl.mechanism.inter.broker.protocol=PLAIN",
+            f"listener.name.sasl_plaintext.plain.sasl.jaas.config={jaas}",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def client_config(self, user: str = "admin") -> dict[str, Any]:
+        return {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "PLAIN", "sasl.username": user,
+                "sasl.password": self.users[user]}
