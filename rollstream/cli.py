@@ -50,6 +50,7 @@ DELEGATED = {
     "otlp": ("rollstream.producers.otlp", "the OTLP/HTTP trace receiver: GenAI and reward spans to events"),
     "process": ("rollstream.stream_processors.worker", "the stream processor: calls + rewards -> transitions"),
     "train": ("rollstream.trainer.train", "the continuous policy-gradient trainer"),
+    "demo": ("rollstream.demo.main", "the closed loop on a calculator task: agents, stream, trainer, hot reload"),
 }
 
 

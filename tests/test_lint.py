@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["rollstream", "schemas", "producers", "stream_processors", "trainer", "serving"]
+PACKAGES = ["rollstream", "schemas", "producers", "stream_processors", "trainer", "serving", "demo"]
 
 
 def test_ruff() -> None:

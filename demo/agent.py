@@ -1,0 +1,205 @@
+"""The calculator agent and the workers that keep it busy.
+
+The agent is an ordinary ``openai`` client program: ask the model, run the calculator on the
+``<calc>…</calc>`` it wrote, send the result back as a tool message, read the final answer. The
+workers wrap it in the rollout API of the gateway: start a rollout (with the task's ``group_id``),
+point the client's ``base_url`` at ``/rollouts/{id}/v1`` so every call is attributed, finish it,
+and post the reward — a share of the rewards a few seconds later, as a slow grader would.
+
+Held-out evaluation talks to the policy server directly (greedy), so its calls are not captured
+and never become training data.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from openai import OpenAI
+from rollstream.demo import tasks
+from rollstream.demo.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Episode:
+    """What one run of the agent did."""
+
+    answer: int | None
+    reward: float
+    calls: int
+    policy_version: int | None
+
+
+def solve(client: OpenAI, model: str, task: Task, temperature: float, max_tokens: int = 24) -> Episode:
+    """The agent: a calculator call, then the final answer (at most two model calls)."""
+    messages: list[dict[str, Any]] = tasks.first_messages(task)
+    first = client.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                           temperature=temperature, max_tokens=max_tokens)
+    text = first.choices[0].message.content or ""
+    version = (first.model_extra or {}).get("policy_version")
+    expr = tasks.parse_calc(text)
+    if expr is None:  # no tool call: take whatever answer the model gave
+        answer = tasks.parse_answer(text)
+        return Episode(answer, tasks.reward(task, answer), 1, version)
+    messages += [{"role": "assistant", "content": text}, tasks.tool_message(tasks.calculate(expr))]
+    second = client.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                            temperature=temperature, max_tokens=max_tokens)
+    answer = tasks.parse_answer(second.choices[0].message.content or "")
+    return Episode(answer, tasks.reward(task, answer), 2, version)
+
+
+class DelayedRewards:
+    """A thread that posts rewards when they fall due (a slow grader)."""
+
+    def __init__(self, http: httpx.Client) -> None:
+        self.http = http
+        self.heap: list[tuple[float, str, float]] = []
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="delayed-rewards", daemon=True)
+        self.thread.start()
+
+    def post_later(self, delay: float, rollout_id: str, value: float) -> None:
+        with self.cond:
+            heapq.heappush(self.heap, (time.monotonic() + delay, rollout_id, value))
+            self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopped and (not self.heap or self.heap[0][0] > time.monotonic()):
+                    self.cond.wait(0.2 if not self.heap else max(0.0, self.heap[0][0] - time.monotonic()))
+                if self.stopped:
+                    return
+                _, rollout_id, value = heapq.heappop(self.heap)
+            try:
+                post_reward(self.http, rollout_id, value)
+            except httpx.HTTPError as exc:
+                log.warning("could not post the reward of rollout %s: %s", rollout_id, exc)
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+
+
+def post_reward(http: httpx.Client, rollout_id: str, value: float) -> None:
+    http.post(f"/v1/rollouts/{rollout_id}/rewards", json={"value": value, "terminal": True}).raise_for_status()
+
+
+@dataclass
+class WorkerStats:
+    """Counters the progress display reads (updated by the worker threads)."""
+
+    rollouts: int = 0
+    calls: int = 0
+    errors: int = 0
+    rewards: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=4000))  # (time, reward)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reward_mean(self, window_s: float = 30.0) -> float | None:
+        now = time.monotonic()
+        with self.lock:
+            recent = [r for t, r in self.rewards if now - t <= window_s]
+        return sum(recent) / len(recent) if recent else None
+
+
+class Workers:
+    """``concurrency`` agents solving training tasks through the gateway, in GRPO groups."""
+
+    def __init__(self, gateway_url: str, policy: str, group_size: int, concurrency: int,
+                 delayed_share: float = 0.25, max_delay_s: float = 4.0, temperature: float = 1.0,
+                 seed: int = 0, held_out: list[Task] | None = None,
+                 allowance: Callable[[], int] | None = None) -> None:
+        self.gateway_url = gateway_url.rstrip("/")
+        self.policy = policy
+        self.group_size = group_size
+        self.concurrency = concurrency
+        self.delayed_share = delayed_share
+        self.max_delay_s = max_delay_s
+        self.temperature = temperature
+        self.rng = random.Random(seed)
+        self.tasks = tasks.TrainTasks(held_out or [], seed)
+        self.stats = WorkerStats()
+        self.http = httpx.Client(base_url=self.gateway_url, timeout=60.0,
+                                 limits=httpx.Limits(max_connections=concurrency * 2 + 4))
+        self.client = OpenAI(base_url=self.gateway_url + "/v1", api_key="demo", max_retries=1, timeout=120.0)
+        self.delayed = DelayedRewards(self.http)
+        # How many groups may have been started so far: keeps the agents a few trainer steps ahead
+        # of the trainer instead of flooding it with rollouts that go stale before they are used.
+        self.allowance = allowance
+        self.groups = 0
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="workers", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(90)
+        self.delayed.stop()
+
+    def _run(self) -> None:
+        slots = threading.Semaphore(self.concurrency)
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="agent") as pool:
+            while not self.stop_event.is_set():
+                if self.allowance is not None and self.groups >= self.allowance():
+                    time.sleep(0.1)
+                    continue
+                self.groups += 1
+                task = self.tasks.next()
+                group_id = f"{task.task_id}-{uuid.uuid4().hex[:6]}"
+                for _ in range(self.group_size):
+                    while not slots.acquire(timeout=0.2):
+                        if self.stop_event.is_set():
+                            return
+                    future = pool.submit(self.rollout, task, group_id)
+                    future.add_done_callback(lambda _f: slots.release())
+
+    def rollout(self, task: Task, group_id: str) -> None:
+        rollout_id = uuid.uuid4().hex
+        try:
+            self.http.post("/v1/rollouts", json={"rollout_id": rollout_id, "task_id": task.task_id,
+                                                 "group_id": group_id, "policy": self.policy}).raise_for_status()
+            client = self.client.with_options(base_url=f"{self.gateway_url}/rollouts/{rollout_id}/v1")
+            episode = solve(client, self.policy, task, self.temperature)
+            self.http.post(f"/v1/rollouts/{rollout_id}/finish",
+                           json={"status": "SUCCEEDED", "task_id": task.task_id, "group_id": group_id}
+                           ).raise_for_status()
+            if self.rng.random() < self.delayed_share:
+                self.delayed.post_later(self.rng.uniform(1.0, self.max_delay_s), rollout_id, episode.reward)
+            else:
+                post_reward(self.http, rollout_id, episode.reward)
+        except Exception as exc:  # an agent failing must not stop the others
+            with self.stats.lock:
+                self.stats.errors += 1
+            if not self.stop_event.is_set():
+                log.warning("rollout %s failed: %s", rollout_id, exc)
+            return
+        with self.stats.lock:
+            self.stats.rollouts += 1
+            self.stats.calls += episode.calls
+            self.stats.rewards.append((time.monotonic(), episode.reward))
+
+
+def evaluate(server_base_url: str, policy: str, held_out: list[Task], concurrency: int = 16) -> tuple[float, int]:
+    """(greedy accuracy on the held-out tasks, the policy version that answered most of them)."""
+    with OpenAI(base_url=server_base_url, api_key="demo", max_retries=2, timeout=120.0) as client, \
+            ThreadPoolExecutor(concurrency, thread_name_prefix="eval") as pool:
+        episodes = list(pool.map(lambda t: solve(client, policy, t, temperature=0.0), held_out))
+    versions = [e.policy_version for e in episodes if e.policy_version is not None]
+    version = max(set(versions), key=versions.count) if versions else -1
+    return sum(e.reward for e in episodes) / len(episodes), int(version)

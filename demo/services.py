@@ -1,0 +1,188 @@
+"""The processes of the loop, started as children of the demo and stopped by their process ids.
+
+Policy server (``rollstream serve``), capturing gateway (``rollstream gateway``), stream processor
+(``rollstream process``) and trainer (``rollstream train``), all on one fresh topic prefix, each
+logging to its own file in the run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rollstream.schemas.codec import register_schemas, registry_client
+from rollstream.schemas.topics import Topics, create_topics
+from rollstream.serving.launch import ServerProcess, free_port, get_json
+
+from rollstream.errors import RollstreamError
+from rollstream.settings import ConnectionSettings
+
+log = logging.getLogger(__name__)
+
+STEP_LINE = re.compile(r"step (\d+)\s+loss (\S+)\s+reward (\S+?)±\S+\s+tok/s \S+\s+lag (\d+)")
+
+
+class DemoError(RollstreamError):
+    """A process of the demo loop failed to start or died."""
+
+
+@dataclass
+class Child:
+    """One child process and its log file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if not self.alive():
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s (pid %d) did not stop in %.0f s; killing it", self.name, self.process.pid, timeout)
+            self.process.kill()
+            self.process.wait(timeout)
+
+
+@dataclass
+class TrainerProgress:
+    """The newest figures the trainer logged."""
+
+    step: int = 0
+    loss: float | None = None
+    reward: float | None = None
+    lag: int | None = None
+    offset: int = 0
+    rewards: list[tuple[int, float]] = field(default_factory=list)
+
+    def update(self, log_path: Path) -> None:
+        try:
+            with open(log_path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return
+        cut = chunk.rfind(b"\n") + 1
+        self.offset += cut
+        for m in STEP_LINE.finditer(chunk[:cut].decode(errors="replace")):
+            self.step, self.loss, self.reward, self.lag = int(m[1]), float(m[2]), float(m[3]), int(m[4])
+            self.rewards.append((self.step, self.reward))
+
+
+class Loop:
+    """Server, gateway, processor and trainer for one run; ``stop()`` ends every one it started."""
+
+    def __init__(self, run_dir: Path, conn: ConnectionSettings, model_dir: Path, policy: str,
+                 train_args: list[str], run_id: str, threads: int = 1) -> None:
+        self.run_dir = run_dir
+        self.run_id = run_id
+        self.conn = conn
+        self.model_dir = model_dir
+        self.policy = policy
+        self.train_args = train_args
+        self.threads = threads
+        self.children: list[Child] = []
+        self.server: ServerProcess | None = None
+        self.gateway_url = ""
+        self.env = {**os.environ, "ROLLSTREAM_TOPIC_PREFIX": conn.topic_prefix,
+                    "ROLLSTREAM_PARTITIONS": str(conn.partitions), "MLFLOW_DISABLE_TELEMETRY": "true",
+                    "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+                    "ROLLSTREAM_PROCESS_COMMIT_INTERVAL": "0.25"}
+        self.trainer = TrainerProgress()
+
+    def _spawn(self, name: str, args: list[str]) -> Child:
+        log_path = self.run_dir / f"{name}.log"
+        out = open(log_path, "ab")  # noqa: SIM115 - the child holds it
+        cmd = [sys.executable, "-m", "rollstream.cli", *args]
+        (self.run_dir / f"{name}.cmd").write_text(" ".join(cmd) + "\n")
+        child = Child(name, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env), log_path)
+        out.close()
+        self.children.append(child)
+        log.info("started %s (pid %d), log %s", name, child.process.pid, log_path)
+        return child
+
+    def create_topics(self) -> Topics:
+        topics = Topics(self.conn.topic_prefix, self.conn.partitions)
+        create_topics(topics, self.conn)
+        register_schemas(registry_client(self.conn), topics)
+        return topics
+
+    def start(self, timeout: float = 180.0) -> None:
+        self.create_topics()
+        self.server = ServerProcess(self.model_dir, policy=self.policy, env=self.env,
+                                    log_path=self.run_dir / "serve.log",
+                                    args=["--topic-prefix", self.conn.topic_prefix, "--threads", str(self.threads),
+                                          "--max-batch", "64", "--log-level", "warning"])
+        self.server.start(timeout)
+        log.info("started the policy server (pid %d) at %s", self.server.process.pid if self.server.process else -1,
+                 self.server.url)
+        port = free_port()
+        self.gateway_url = f"http://127.0.0.1:{port}"
+        self._spawn("gateway", ["gateway", "--port", str(port), "--backend-url", self.server.base_url,
+                                "--policy", self.policy, "--no-create-topics", "--log-level", "warning"])
+        self._spawn("processor", ["process", "--app-id", f"demo-processor-{self.run_id}",
+                                  "--data-dir", str(self.run_dir / "processor"), "--web-port", str(free_port())])
+        self._spawn("trainer", ["train", "--policy", self.policy, "--model", str(self.model_dir),
+                                "--threads", str(self.threads), "--no-progress", *self.train_args])
+        self.wait_healthy(self.gateway_url + "/healthz", "gateway", timeout)
+
+    def wait_healthy(self, url: str, name: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check()
+            try:
+                get_json(url, timeout=1.0)
+                return
+            except (urllib.error.URLError, OSError, ValueError):
+                time.sleep(0.3)
+        raise DemoError(f"{name} did not answer {url} within {timeout:.0f} s; see {self.run_dir}/{name}.log")
+
+    def check(self) -> None:
+        """Raise DemoError when a child has died (the loop cannot go on without it)."""
+        if self.server and self.server.process and self.server.process.poll() is not None:
+            raise DemoError(f"the policy server exited: {self.server.log_tail()}")
+        for child in self.children:
+            if not child.alive() and child.name != "trainer":
+                raise DemoError(f"{child.name} exited with {child.process.returncode}: {child.tail()}")
+
+    def trainer_alive(self) -> bool:
+        return any(c.name == "trainer" and c.alive() for c in self.children)
+
+    def poll(self) -> None:
+        trainer = next((c for c in self.children if c.name == "trainer"), None)
+        if trainer is not None:
+            self.trainer.update(trainer.log_path)
+
+    def server_stats(self) -> dict[str, int]:
+        if self.server is None:
+            return {}
+        try:
+            stats = self.server.stats()
+        except (urllib.error.URLError, OSError, ValueError):
+            return {}
+        return {k: int(v) for k, v in stats.items() if isinstance(v, int | float)}
+
+    def stop(self) -> None:
+        # Producers first (gateway), then the processor and trainer, the server last.
+        for child in reversed(self.children):
+            child.stop()
+        if self.server is not None:
+            self.server.stop()
