@@ -31,6 +31,16 @@ def test_compose_has_every_service() -> None:
     )
     services = set(out.stdout.split())
     assert {"kafka", "registry", "minio", "minio-init", "postgres", "mlflow", "smoke"} <= services
+    assert {"serve", "gateway", "processor", "trainer", "trainer-gpu", "vllm"} <= services
+
+
+def test_gpu_services_are_behind_profiles() -> None:
+    spec = yaml.safe_load(COMPOSE.read_text())["services"]
+    for name in ("trainer-gpu", "vllm"):
+        assert spec[name]["profiles"] in (["gpu"], ["vllm"])
+        assert spec[name]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    for name in ("kafka", "registry", "minio", "postgres", "mlflow"):
+        assert "profiles" not in spec[name], f"{name} is part of the base stack"
 
 
 def test_compose_kafka_is_kraft_and_mlflow_uses_postgres_and_minio() -> None:
