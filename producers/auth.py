@@ -17,12 +17,39 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import logging
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 from rollstream.producers.http import HttpError
 
 from rollstream.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_NAMES = {"localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def guard_unauthenticated(keys: KeyRing, host: str, service: str, variable: str, example: str) -> None:
+    """Without keys a service may only listen on loopback: refuse anything else, and say auth is off."""
+    if keys.enabled:
+        return
+    if not is_loopback(host):
+        raise ConfigError(
+            f"no API keys configured, so the {service} only binds loopback, not {host!r}; "
+            f"set {variable} (e.g. '{example}')"
+        )
+    log.warning("no API keys configured (%s): authentication is OFF; binding loopback only (%s)", variable, host)
 
 ScopeName = Literal["models", "rewards", "traces"]
 GATEWAY_SCOPES: tuple[ScopeName, ...] = ("models", "rewards")

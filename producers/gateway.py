@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import ipaddress
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, cast, get_args
 
 from rollstream.producers import api
-from rollstream.producers.auth import KeyRing, ScopeName
+from rollstream.producers.auth import KeyRing, ScopeName, guard_unauthenticated, is_loopback  # noqa: F401 - re-exported
 from rollstream.producers.capture import SOURCE
 from rollstream.producers.http import (
     HttpError,
@@ -43,12 +42,12 @@ from rollstream.producers.publisher import KafkaPublisher, Publisher
 from rollstream.schemas.topics import Topics
 
 from rollstream.errors import ConfigError, RollstreamError, SerializationError
+from rollstream.events import prepare_codec
 from rollstream.settings import ConnectionSettings, env, env_int
 
 log = logging.getLogger(__name__)
 
 MODEL_ROUTES = {"chat/completions": "CHAT_COMPLETIONS", "completions": "COMPLETIONS"}
-LOOPBACK_NAMES = {"localhost"}
 
 
 @dataclass(frozen=True)
@@ -78,15 +77,6 @@ class GatewaySettings:
                 raise ConfigError(f"ROLLSTREAM_GATEWAY_{name.upper()} must be at least 1")
         if not self.backend_url.startswith(("http://", "https://")):
             raise ConfigError(f"ROLLSTREAM_GATEWAY_BACKEND_URL={self.backend_url!r} must be an http(s) URL")
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def endpoint_label(path: str) -> str:
@@ -285,9 +275,6 @@ def _overrides(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Run the gateway until interrupted; 2 on a configuration error."""
     import uvicorn
-    from rollstream.schemas import schema_text
-    from rollstream.schemas.codec import EventCodec, register, registry_client
-    from rollstream.schemas.topics import create_topics
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -298,30 +285,17 @@ def main(argv: list[str] | None = None) -> int:
             "host", "port", "backend_url", "policy", "policy_version", "queue_max", "on_full", "backend_timeout"]))
         conn = dataclasses.replace(ConnectionSettings(), **_overrides(
             args, ["kafka_bootstrap", "schema_registry_url", "topic_prefix"]))
-        keys = KeyRing.from_text(settings.api_keys)
-        if not keys.enabled:
-            if not is_loopback(settings.host):
-                raise ConfigError(
-                    f"no API keys configured, so the gateway only binds loopback, not {settings.host!r}; "
-                    "set ROLLSTREAM_GATEWAY_API_KEYS (e.g. 'agent-key=models,grader-key=rewards')"
-                )
-            log.warning("no API keys configured (ROLLSTREAM_GATEWAY_API_KEYS): authentication is OFF; "
-                        "binding loopback only (%s)", settings.host)
-        topics = Topics.from_settings(conn)
-        if not args.no_create_topics:
-            create_topics(topics, conn)
-        codec = EventCodec(registry_client(conn), topics)
-        for topic, event_type in ((topics.calls, "LlmCall"), (topics.rewards, "Reward"),
-                                  (topics.rollouts, "RolloutEvent")):
-            register(codec.client, topic, schema_text(event_type))  # type: ignore[arg-type]
+        guard_unauthenticated(KeyRing.from_text(settings.api_keys), settings.host, "gateway",
+                              "ROLLSTREAM_GATEWAY_API_KEYS", "agent-key=models,grader-key=rewards")
+        codec = prepare_codec(conn, ["LlmCall", "Reward", "RolloutEvent"], create_missing=not args.no_create_topics)
     except RollstreamError as exc:
         log.error("%s", exc)
         return 2
     metrics = GatewayMetrics()
     publisher = KafkaPublisher(codec, conn, settings.queue_max, metrics)
-    app = Gateway(settings, publisher, topics, metrics)
+    app = Gateway(settings, publisher, codec.topics, metrics)
     log.info("gateway on http://%s:%d -> %s; events to %s* (queue %d, on full: %s)", settings.host,
-             settings.port, settings.backend_url, topics.prefix, settings.queue_max, settings.on_full)
+             settings.port, settings.backend_url, codec.topics.prefix, settings.queue_max, settings.on_full)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
                             lifespan="on", access_log=False, log_level="warning", timeout_keep_alive=75)
     try:

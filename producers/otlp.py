@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from rollstream.producers.auth import OTLP_SCOPES, KeyRing
+from rollstream.producers.auth import OTLP_SCOPES, KeyRing, guard_unauthenticated
 from rollstream.producers.emitter import EventEmitter, Payload
 from rollstream.producers.genai import decode_request, map_request
 from rollstream.producers.http import HttpError, Receive, Scope, Send, header, read_body, respond
@@ -37,6 +37,7 @@ from rollstream.producers.proxy import RolloutTracker
 from rollstream.schemas.topics import Topics
 
 from rollstream.errors import ConfigError, OtlpError, QueueFullError, RollstreamError
+from rollstream.events import prepare_codec
 from rollstream.settings import ConnectionSettings, env, env_int
 
 log = logging.getLogger(__name__)
@@ -232,10 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the receiver until interrupted; 2 on a configuration error."""
     import uvicorn
-    from rollstream.producers.gateway import is_loopback
-    from rollstream.schemas import schema_text
-    from rollstream.schemas.codec import EventCodec, register, registry_client
-    from rollstream.schemas.topics import create_topics
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -246,28 +243,16 @@ def main(argv: list[str] | None = None) -> int:
             n: getattr(args, n) for n in ("kafka_bootstrap", "schema_registry_url", "topic_prefix")
             if getattr(args, n) is not None})
         keys = KeyRing.from_text(settings.api_keys, "ROLLSTREAM_OTLP_API_KEYS", OTLP_SCOPES)
-        if not keys.enabled:
-            if not is_loopback(settings.host):
-                raise ConfigError(
-                    f"no API keys configured, so the OTLP receiver only binds loopback, not {settings.host!r}; "
-                    "set ROLLSTREAM_OTLP_API_KEYS (e.g. 'exporter-key=traces')"
-                )
-            log.warning("no API keys configured (ROLLSTREAM_OTLP_API_KEYS): authentication is OFF; "
-                        "binding loopback only (%s)", settings.host)
-        topics = Topics.from_settings(conn)
-        if not args.no_create_topics:
-            create_topics(topics, conn)
-        codec = EventCodec(registry_client(conn), topics)
-        register(codec.client, topics.calls, schema_text("LlmCall"))
-        register(codec.client, topics.rewards, schema_text("Reward"))
+        guard_unauthenticated(keys, settings.host, "OTLP receiver", "ROLLSTREAM_OTLP_API_KEYS", "exporter-key=traces")
+        codec = prepare_codec(conn, ["LlmCall", "Reward"], create_missing=not args.no_create_topics)
     except RollstreamError as exc:
         log.error("%s", exc)
         return 2
     emitter = EventEmitter(codec, conn, queue_max=settings.queue_max, on_full="raise", delivery_timeout_ms=0,
                            name="otlp-events")
-    app = OtlpReceiver(settings, emitter, topics)
+    app = OtlpReceiver(settings, emitter, codec.topics)
     log.info("OTLP receiver on http://%s:%d/v1/traces; events to %s* (queue %d)", settings.host, settings.port,
-             topics.prefix, settings.queue_max)
+             codec.topics.prefix, settings.queue_max)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on", access_log=False,
                             log_level="warning")
     # uvicorn re-raises the signal that stopped it once it has shut down; with this handler in

@@ -11,11 +11,26 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 
 from rollstream.errors import RollstreamError
-from rollstream.schemas.codec import EventCodec
-from rollstream.schemas.topics import consumer_config, producer_config
+from rollstream.schemas import EventType, schema_text
+from rollstream.schemas.codec import EventCodec, register, registry_client
+from rollstream.schemas.topics import Topics, consumer_config, create_topics, producer_config
 from rollstream.settings import ConnectionSettings
 
 log = logging.getLogger(__name__)
+
+
+def prepare_codec(
+    settings: ConnectionSettings, event_types: list[EventType], create_missing: bool = True
+) -> EventCodec:
+    """A codec for a service that publishes ``event_types``: topics created, their schemas registered."""
+    topics = Topics.from_settings(settings)
+    if create_missing:
+        create_topics(topics, settings)
+    codec = EventCodec(registry_client(settings), topics)
+    for spec in topics.specs():
+        if spec.event_type in event_types:
+            register(codec.client, spec.name, schema_text(spec.event_type))
+    return codec
 
 
 class DeliveryError(RollstreamError):

@@ -14,20 +14,12 @@ from rollstream.serving.engine import Engine
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from rollstream.devices import pick_device
 from rollstream.errors import ServeError, StorageError
 from rollstream.settings import ConnectionSettings
 from rollstream.storage import ObjectStore
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ServeError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
 
 
 def set_threads(threads: int = 0) -> int:

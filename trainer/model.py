@@ -25,15 +25,6 @@ log = logging.getLogger(__name__)
 TOKENIZER_PREFIXES = ("tokenizer", "special_tokens", "vocab", "merges", "chat_template", "added_tokens")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise TrainerError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
-
-
 def local_model_dir(source: str, connection: ConnectionSettings, workdir: Path) -> Path:
     """``source`` as a local folder (an s3:// model is downloaded under ``workdir``)."""
     if source.startswith("s3://"):

@@ -49,9 +49,10 @@ from rollstream.trainer.batches import Batch, TransitionReader
 from rollstream.trainer.checkpoint import OPTIMIZER, STATE, CheckpointStore, Tracker, announce, step_dir
 from rollstream.trainer.config import TrainConfig, parse_config
 from rollstream.trainer.loss import LossStats, advantages, pack, policy_loss, token_logprobs
-from rollstream.trainer.model import load_policy, load_reference, local_model_dir, pick_device, save_weights
+from rollstream.trainer.model import load_policy, load_reference, local_model_dir, save_weights
 from tqdm import tqdm
 
+from rollstream.devices import pick_device
 from rollstream.errors import RollstreamError
 from rollstream.events import EventProducer
 from rollstream.settings import ConnectionSettings
