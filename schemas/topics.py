@@ -10,6 +10,7 @@ on a different partition than Java, Faust or aiokafka producers.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +168,13 @@ def create_topics(topics: Topics, settings: ConnectionSettings | None = None, ti
             except KafkaException as exc:
                 if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                     raise TopicError(f"cannot create topic '{name}': {exc}") from exc
+        # The controller has acknowledged the topics; the broker's metadata may lag behind it.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            listed = admin.list_topics(timeout=timeout).topics
+            if all(s.name in listed and listed[s.name].error is None for s in wanted):
+                break
+            time.sleep(0.1)
     check_copartitioned(topics, settings, admin)
     return created
 
