@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 
 pytestmark = pytest.mark.fuzz
 
-torch = pytest.importorskip("torch")
-
+import torch  # noqa: E402 - the policy server needs it; setup installs the ml extra
 from rollstream.serving.loading import load_engine  # noqa: E402
 from rollstream.serving.scheduler import Scheduler  # noqa: E402
 from rollstream.serving.server import PolicyServer  # noqa: E402
