@@ -43,7 +43,7 @@ from rollstream.schemas.topics import Topics
 
 from rollstream.errors import ConfigError, ProducerError
 from rollstream.events import DeliveryError
-from rollstream.settings import ConnectionSettings, env, env_int
+from rollstream.settings import ConnectionSettings, env, env_float, env_int
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,6 @@ R = TypeVar("R")
 _current: contextvars.ContextVar[Rollout | None] = contextvars.ContextVar("rollstream_rollout", default=None)
 _agent: contextvars.ContextVar[str | None] = contextvars.ContextVar("rollstream_agent", default=None)
 _last_call: contextvars.ContextVar[str | None] = contextvars.ContextVar("rollstream_last_call", default=None)
-
-
-def _float_env(name: str) -> float:
-    raw = env(name)
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ConfigError(f"ROLLSTREAM_{name}={raw!r} is not a number") from exc
 
 
 @dataclass(frozen=True)
@@ -73,8 +65,8 @@ class SdkSettings:
     gateway_url: str = field(default_factory=lambda: env("SDK_GATEWAY_URL"))
     queue_max: int = field(default_factory=lambda: env_int("SDK_QUEUE_MAX"))
     on_full: OnFull = field(default_factory=lambda: cast(OnFull, env("SDK_ON_FULL")))
-    block_timeout: float = field(default_factory=lambda: _float_env("SDK_BLOCK_TIMEOUT"))
-    flush_timeout: float = field(default_factory=lambda: _float_env("SDK_FLUSH_TIMEOUT"))
+    block_timeout: float = field(default_factory=lambda: env_float("SDK_BLOCK_TIMEOUT"))
+    flush_timeout: float = field(default_factory=lambda: env_float("SDK_FLUSH_TIMEOUT"))
     flush_on_finish: bool = field(default_factory=lambda: env("SDK_FLUSH_ON_FINISH") not in ("0", "false", ""))
     delivery_timeout_ms: int = field(default_factory=lambda: env_int("SDK_DELIVERY_TIMEOUT_MS"))
     token_ids: bool = field(default_factory=lambda: env("SDK_TOKEN_IDS") not in ("0", "false", ""))

@@ -145,6 +145,14 @@ def env_int(name: str) -> int:
         raise ConfigError(f"{PREFIX}{name}={raw!r} is not an integer") from exc
 
 
+def env_float(name: str) -> float:
+    raw = env(name)
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{PREFIX}{name}={raw!r} is not a number") from exc
+
+
 def _home() -> Path:
     return Path(env("HOME")).expanduser()
 

@@ -10,20 +10,12 @@ from typing import Literal
 from rollstream.stream_processors.credit import CreditRule, parse_rules
 
 from rollstream.errors import ConfigError
-from rollstream.settings import PREFIX, env, env_int
+from rollstream.settings import PREFIX, env, env_float, env_int
 
 Guarantee = Literal["exactly_once", "at_least_once"]
 Completion = Literal["finished", "terminal_reward"]
 ExpireFrom = Literal["first_event", "last_activity"]
 ExpireAction = Literal["drop", "fill"]
-
-
-def _float(name: str) -> float:
-    raw = env(name)
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{PREFIX}{name}={raw!r} is not a number") from exc
 
 
 def _choice(name: str, choices: tuple[str, ...]) -> str:
@@ -47,28 +39,28 @@ class ProcessorSettings:
     guarantee: Guarantee = field(
         default_factory=lambda: _choice("PROCESS_GUARANTEE", ("exactly_once", "at_least_once"))  # type: ignore[arg-type,return-value]
     )
-    commit_interval: float = field(default_factory=lambda: _float("PROCESS_COMMIT_INTERVAL"))
+    commit_interval: float = field(default_factory=lambda: env_float("PROCESS_COMMIT_INTERVAL"))
     completion: Completion = field(
         default_factory=lambda: _choice("PROCESS_COMPLETION", ("finished", "terminal_reward"))  # type: ignore[arg-type,return-value]
     )
     agent_match: str = field(default_factory=lambda: env("PROCESS_AGENT_MATCH"))
     credit: str = field(default_factory=lambda: env("PROCESS_CREDIT"))
     reward_name: str = field(default_factory=lambda: env("PROCESS_REWARD_NAME"))
-    expire_after: float = field(default_factory=lambda: _float("PROCESS_EXPIRE_AFTER"))
+    expire_after: float = field(default_factory=lambda: env_float("PROCESS_EXPIRE_AFTER"))
     expire_from: ExpireFrom = field(
         default_factory=lambda: _choice("PROCESS_EXPIRE_FROM", ("first_event", "last_activity"))  # type: ignore[arg-type,return-value]
     )
     expire_action: ExpireAction = field(
         default_factory=lambda: _choice("PROCESS_EXPIRE_ACTION", ("drop", "fill"))  # type: ignore[arg-type,return-value]
     )
-    fill_value: float = field(default_factory=lambda: _float("PROCESS_FILL_VALUE"))
-    closed_ttl: float = field(default_factory=lambda: _float("PROCESS_CLOSED_TTL"))
-    timer_interval: float = field(default_factory=lambda: _float("PROCESS_TIMER_INTERVAL"))
+    fill_value: float = field(default_factory=lambda: env_float("PROCESS_FILL_VALUE"))
+    closed_ttl: float = field(default_factory=lambda: env_float("PROCESS_CLOSED_TTL"))
+    timer_interval: float = field(default_factory=lambda: env_float("PROCESS_TIMER_INTERVAL"))
     max_message_bytes: int = field(default_factory=lambda: env_int("PROCESS_MAX_MESSAGE_BYTES"))
     require_token_ids: bool = field(default_factory=lambda: env("PROCESS_REQUIRE_TOKEN_IDS") not in ("0", "false", ""))
     web_port: int = field(default_factory=lambda: env_int("PROCESS_WEB_PORT"))
-    log_interval: float = field(default_factory=lambda: _float("PROCESS_LOG_INTERVAL"))
-    idle_grace: float = field(default_factory=lambda: _float("PROCESS_IDLE_GRACE"))
+    log_interval: float = field(default_factory=lambda: env_float("PROCESS_LOG_INTERVAL"))
+    idle_grace: float = field(default_factory=lambda: env_float("PROCESS_IDLE_GRACE"))
     source: str = "processor"
 
     def __post_init__(self) -> None:
