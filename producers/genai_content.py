@@ -90,6 +90,21 @@ def _listed(value: Any) -> list[Any] | None:
     return value if isinstance(value, list) else [value]
 
 
+def _legacy_content(reader: SpanReader, attr: str, event: str) -> tuple[list[Any] | None, str | None]:
+    """The older ``gen_ai.prompt``/``gen_ai.completion`` content, from the attribute or its span event:
+    a list of messages (given as such, or as a JSON string), or else the plain text."""
+    value = reader.get(attr)
+    if value is None:
+        value = reader.event_attr(event, attr)
+    if not isinstance(value, str):
+        return _listed(value), None
+    try:
+        parsed = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        parsed = None
+    return (parsed, None) if isinstance(parsed, list) else (None, value)
+
+
 def input_messages(reader: SpanReader) -> tuple[list[dict[str, Any]], str | None]:
     """The request's chat messages, and its prompt text (for text completions)."""
     plain: str | None = None
@@ -97,21 +112,10 @@ def input_messages(reader: SpanReader) -> tuple[list[dict[str, Any]], str | None
     if raw is None:
         raw = _flattened(reader, "gen_ai.prompt") or None
     if raw is None:
-        value = reader.get("gen_ai.prompt")
-        if value is None:
-            value = reader.event_attr("gen_ai.content.prompt", "gen_ai.prompt")
-        if isinstance(value, str):
-            try:
-                parsed = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                parsed = None
-            if isinstance(parsed, list):
-                raw = parsed
-            else:
-                plain = value
-                raw = [value]
-        else:
-            raw = _listed(value)
+        raw, text = _legacy_content(reader, "gen_ai.prompt", "gen_ai.content.prompt")
+        if text is not None:
+            plain = text
+            raw = [text]
     messages = [_message(m)[0] for m in raw or ()]
     system = reader.json("gen_ai.system_instructions")
     if system is not None:
@@ -128,17 +132,9 @@ def output_choices(reader: SpanReader) -> list[Choice]:
     if raw is None:
         raw = _flattened(reader, "gen_ai.completion") or None
     if raw is None:
-        value = reader.get("gen_ai.completion")
-        if value is None:
-            value = reader.event_attr("gen_ai.content.completion", "gen_ai.completion")
-        if isinstance(value, str):
-            try:
-                parsed = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                parsed = None
-            raw = parsed if isinstance(parsed, list) else [{"role": "assistant", "content": value}]
-        else:
-            raw = _listed(value)
+        raw, text = _legacy_content(reader, "gen_ai.completion", "gen_ai.content.completion")
+        if text is not None:
+            raw = [{"role": "assistant", "content": text}]
     choices = []
     for m in raw or ():
         message, finish = _message(m)
