@@ -2,6 +2,7 @@
 
 Any Hugging Face causal LM that loads from a folder works; an ``s3://`` model is downloaded first.
 Weights stay float32 for the optimizer; on CUDA the forward pass runs under bf16 autocast.
+The S3 client is imported only for an ``s3://`` model, so loading a local folder needs no storage client.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from transformers.utils import logging as hf_logging
 
 from rollstream.errors import StorageError, TrainerError
 from rollstream.settings import ConnectionSettings
-from rollstream.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ TOKENIZER_PREFIXES = ("tokenizer", "special_tokens", "vocab", "merges", "chat_te
 def local_model_dir(source: str, connection: ConnectionSettings, workdir: Path) -> Path:
     """``source`` as a local folder (an s3:// model is downloaded under ``workdir``)."""
     if source.startswith("s3://"):
+        from rollstream.storage import ObjectStore
+
         dest = workdir / "base-model"
         try:
             ObjectStore(connection).download_dir(source, dest)
