@@ -232,7 +232,8 @@ class Watermarks:
             # Strictly later: records with the same (millisecond) timestamp may still be behind.
             if self.ts.get((topic, partition), float("-inf")) > at_ts:
                 continue
-            last = self.wall.get((topic, partition), self.first_wall.get(partition, now))
+            # A partition nothing was read from since start counts as idle from the first time it is asked about.
+            last = self.wall.get((topic, partition), self.first_wall.setdefault(partition, now))
             if now - last < self.grace or not caught_up(topic, partition):
                 return False
         return True

@@ -45,6 +45,9 @@ class Decision:
     outputs: list[Output] = field(default_factory=list)
     deadline: float | None = None  # when the timer must check this rollout again (None: forget it)
     pending_ts: float | None = None  # complete, waiting for the other topics to reach this stream time
+    # False: the record did not change the rollout (a duplicate, a late or a bad record), so the timer's
+    # deadline and the waiting completion it may have stay as they are.
+    tracks: bool = True
 
 
 def transition_id(rollout_id: str, attempt: int, call_id: str) -> str:
@@ -84,15 +87,15 @@ class Processor:
             self.metrics.dead_letter(exc.error_type)
             log.warning("dead letter %s[%d]@%d (%s): %s", topic, partition, offset, exc.error_type, exc.reason)
             record = dead_letter(self.settings.source, topic, partition, offset, key, value, exc)
-            return Decision(outputs=[Output(self.topics.dead_letters, key, self.codec.encode(self.topics.dead_letters,
-                                                                                               record))])
+            value_out = self.codec.encode(self.topics.dead_letters, record)
+            return Decision(outputs=[Output(self.topics.dead_letters, key, value_out)], tracks=False)
         state = RolloutState.loads(stored) if stored is not None else None
         state, outcome = join.apply(
             state, decoded.kind, decoded.record, now, self.settings.completion, self.settings.reward_name, ts
         )
         if outcome is Outcome.DUPLICATE:
             self.metrics.inc("duplicates")
-            return Decision()
+            return Decision(tracks=False)
         if outcome is Outcome.LATE:
             self.metrics.inc("late")
             log.info("late %s %s[%d]@%d for rollout %s (%s)", decoded.kind, topic, partition, offset,
@@ -103,7 +106,7 @@ class Processor:
                 ("rollstream-partition", str(partition).encode()),
                 ("rollstream-offset", str(offset).encode()),
             ]
-            return Decision(outputs=[Output(self.topics.late_events, key, value or b"", headers)])
+            return Decision(outputs=[Output(self.topics.late_events, key, value or b"", headers)], tracks=False)
         if outcome is Outcome.IGNORED:
             self.metrics.inc("ignored_rewards")
         if outcome is Outcome.COMPLETED:

@@ -26,25 +26,89 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import faust
 from confluent_kafka.admin import AdminClient, NewTopic
 from rollstream.schemas.codec import EventCodec, registry_client
-from rollstream.schemas.topics import Topics, check_copartitioned, create_topics
+from rollstream.schemas.topics import Topics, check_copartitioned, client_config, consumer_config, create_topics
+from rollstream.stream_processors.auth import faust_credentials
 from rollstream.stream_processors.config import ProcessorSettings
 from rollstream.stream_processors.join import RolloutState, Watermarks
 from rollstream.stream_processors.metrics import Metrics
 from rollstream.stream_processors.processor import KEEP, Decision, Output, Processor
 
 from rollstream.errors import ProcessorError, RollstreamError
-from rollstream.settings import ConnectionSettings
+from rollstream.settings import ConnectionSettings, kafka_client_config
 
 log = logging.getLogger(__name__)
 
 TABLE = "rollouts"
 CHECK = b"check"
+LEDGER = b"\x00ledger\x1f"  # table keys of the input ledger (never a rollout id: those are non-empty text)
+LEDGER_CHECK = b"\x00ledger-check"  # command (sent to one partition) to compare the ledger with committed offsets
+
+
+def ledger_key(topic: str, partition: int) -> bytes:
+    return LEDGER + f"{topic}\x1f{partition}".encode()
+
+
+@dataclass
+class Record:
+    """An input record read outside Faust (to repair a gap), shaped like the Faust message the agent gets."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: float
+
+
+class RangeReader:
+    """Reads offsets [start, end) of one input partition with read_committed, outside the consumer group."""
+
+    def __init__(self, conn: ConnectionSettings) -> None:
+        self.conn = conn
+        self._consumer: Any = None
+
+    def read(self, topic: str, partition: int, start: int, end: int, timeout: float = 60.0) -> list[Record]:
+        from confluent_kafka import Consumer, TopicPartition
+
+        if self._consumer is None:
+            self._consumer = Consumer(consumer_config("rollstream-process-gap-reader", self.conn))
+        consumer = self._consumer
+        tp = TopicPartition(topic, partition, start)
+        consumer.assign([tp])
+        out: list[Record] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                for msg in consumer.consume(500, timeout=0.5):
+                    if msg.error() or msg.offset() >= end:
+                        continue
+                    out.append(Record(topic, partition, msg.offset(), msg.key(), msg.value(),
+                                      msg.timestamp()[1] / 1000.0))
+                position = consumer.position([TopicPartition(topic, partition)])[0].offset
+                if position >= end or (out and out[-1].offset >= end - 1):
+                    return out
+                if time.monotonic() > deadline:
+                    raise ProcessorError(f"could not read {topic}[{partition}] offsets {start}..{end - 1} "
+                                         f"within {timeout:.0f} s (position {position})")
+        finally:
+            consumer.unassign()
+
+    def committed(self, group: str, topics: Sequence[str], partition: int) -> dict[str, int]:
+        """The offsets ``group`` has committed for ``partition`` of each topic (those it has)."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        consumer = Consumer(consumer_config(group, self.conn))
+        try:
+            got = consumer.committed([TopicPartition(t, partition) for t in topics], timeout=30)
+        finally:
+            consumer.close()
+        return {tp.topic: tp.offset for tp in got if tp.offset >= 0}
 
 
 def changelog_topic(app_id: str) -> str:
@@ -59,7 +123,7 @@ def prepare_topics(settings: ProcessorSettings, conn: ConnectionSettings, topics
     """Create what is missing, then check every topic the worker touches has the same partition count."""
     create_topics(topics, conn)
     n = check_copartitioned(topics, conn)
-    admin = AdminClient({"bootstrap.servers": conn.kafka_bootstrap})
+    admin = AdminClient(client_config(conn))
     internal = {
         changelog_topic(settings.app_id): {"cleanup.policy": "compact"},
         commands_topic(settings.app_id): {"retention.ms": str(24 * 3600 * 1000)},
@@ -103,10 +167,16 @@ class Runtime:
         self.watermarks = Watermarks(topics.copartitioned, settings.idle_grace)
         self._last_wait_log = 0.0
         self.pending: dict[int, dict[bytes, float]] = {}  # partition -> complete rollouts waiting -> stream time
+        # The input ledger: per input topic-partition, the next offset this worker must process. It is
+        # written to the changelog in the transaction that commits the input offsets (see _guard_commits).
+        self.next_offset: dict[tuple[str, int], int | None] = {}
+        self.ledger_written: dict[tuple[str, int], int] = {}
+        self.reader = RangeReader(conn)
         brokers = [f"kafka://{h.strip()}" for h in conn.kafka_bootstrap.split(",") if h.strip()]
         self.app = app = faust.App(
             settings.app_id,
             broker=brokers,
+            broker_credentials=faust_credentials(kafka_client_config(conn.kafka_config)),
             store="rocksdb://",
             datadir=str(settings.data_dir),
             processing_guarantee=settings.guarantee,
@@ -179,12 +249,47 @@ class Runtime:
 
         async def commit(topics: Any = None, start_new_transaction: bool = True) -> bool:
             async with lock:
+                await self._write_ledger()
                 # aiokafka sends EndTxn without waiting for the batches still in its accumulator,
                 # which then land in the next transaction: deliver them first.
                 await producer.flush()
                 return bool(await original(topics, start_new_transaction=start_new_transaction))
 
         consumer.commit = commit  # type: ignore[method-assign]
+
+    async def _write_ledger(self) -> None:
+        """Record, in the transaction about to commit the input offsets, how far this worker really got."""
+        from faust.types import TP
+
+        actives = self.app.assignor.assigned_actives()
+        for (topic, partition), nxt in list(self.next_offset.items()):
+            if nxt is None or self.ledger_written.get((topic, partition)) == nxt:
+                continue
+            if TP(topic, partition) not in actives:
+                continue
+            key, value = ledger_key(topic, partition), str(nxt).encode()
+            try:
+                # Outside an event, Faust's store cannot tell the partition: put it in that partition's db.
+                store: Any = self.table.data
+                store._db_for_partition(partition).put(key, value)
+                store._key_index[key] = partition
+                changelog: Any = self.table.changelog_topic
+                fut = changelog.as_future_message(key=key, value=value, partition=partition, key_serializer="raw",
+                                                  value_serializer="raw", eager_partitioning=True)
+                await changelog.publish_message(fut)
+            except Exception as exc:  # a ledger behind the offsets only makes the next start re-read a range
+                log.warning("could not write the input ledger of %s[%d]: %s", topic, partition, exc)
+                continue
+            self.ledger_written[(topic, partition)] = nxt
+
+    def _expected_offset(self, topic: str, partition: int) -> int | None:
+        key = (topic, partition)
+        if key not in self.next_offset:
+            stored = self.table.data.get(ledger_key(topic, partition))
+            self.next_offset[key] = int(stored) if stored is not None else None
+            if stored is not None:
+                self.ledger_written[key] = int(stored)
+        return self.next_offset[key]
 
     def _tid(self, partition: int) -> str | None:
         if not self.app.in_transaction:
@@ -213,6 +318,8 @@ class Runtime:
             await self._store(key, decision.state, partition)
         for out in decision.outputs:
             await self._send(out, partition)
+        if not decision.tracks:
+            return
         if decision.deadline is None:
             self.deadlines.pop(key, None)
         else:
@@ -224,29 +331,72 @@ class Runtime:
 
     async def on_message(self, message: Any) -> None:
         async with self.lock:
-            now = time.time()
-            p = message.partition
-
-            def ready(state: RolloutState) -> bool:
-                return self.watermarks.ready(p, state.max_ts, now, self._caught_up)
-
-            stored = self.table.data.get(message.key) if message.key is not None else None
-            if message.topic == self.commands.get_topic_name():
-                decision = self.processor.check(stored, now, ready)
+            topic, p, offset = message.topic, message.partition, message.offset
+            expected = self._expected_offset(topic, p)
+            if expected is not None and offset > expected:
+                await self._repair_gap(topic, p, expected, offset)
+            if topic == self.commands.get_topic_name() and message.value == LEDGER_CHECK:
+                await self._check_ledger(p)
             else:
-                self.watermarks.observe(message.topic, p, message.timestamp or 0.0, now, message.offset)
-                decision = self.processor.handle(message.topic, p, message.offset, message.key, message.value,
-                                                 stored, now, message.timestamp or 0.0, ready)
-            if message.key is None:  # dead letter of a record without a key: nothing to store
-                for out in decision.outputs:
-                    await self._send(out, p)
-            else:
-                await self._apply(message.key, p, decision)
-            # Completions that were waiting for this partition's other topics to catch up.
-            waiting = self.pending.get(p)
-            if waiting:
-                for key in [k for k, ts in waiting.items() if self.watermarks.ready(p, ts, now, self._caught_up)]:
-                    await self._apply(key, p, self.processor.check(self.table.data.get(key), now, ready))
+                await self._process(message)
+            self.next_offset[(topic, p)] = max(expected or 0, offset + 1)
+
+    async def _check_ledger(self, partition: int) -> None:
+        """After a partition is assigned: records between the ledger and the committed offset were never
+        processed. Repairing them at the next record of the topic is not enough (there may be none)."""
+        loop = asyncio.get_running_loop()
+        inputs = self.topics.copartitioned
+        committed = await loop.run_in_executor(None, self.reader.committed, self.settings.app_id, inputs, partition)
+        for topic in inputs:
+            expected = self._expected_offset(topic, partition)
+            at = committed.get(topic)
+            if expected is not None and at is not None and at > expected:
+                await self._repair_gap(topic, partition, expected, at)
+                self.next_offset[(topic, partition)] = at
+
+    async def _repair_gap(self, topic: str, partition: int, start: int, end: int) -> None:
+        """Process the records of [start, end) this worker has not seen, before the one at ``end``.
+
+        faust-streaming can move a partition's committed offset past records its agent never
+        processed (offset gaps taken for transaction markers or compaction, messages dropped while
+        partitions are reassigned). The ledger, committed in the same transaction as the offsets,
+        says where processing really stopped; everything from there is read again here. Records
+        processed before are recognised by their event ids, so a false alarm costs only the read.
+        """
+        loop = asyncio.get_running_loop()
+        records = await loop.run_in_executor(None, self.reader.read, topic, partition, start, end)
+        self.metrics.inc("gaps_repaired")
+        self.metrics.inc("gap_records", len(records))
+        if records:
+            log.warning("%s[%d]: offsets %d..%d were skipped by the consumer; processing the %d records there",
+                        topic, partition, start, end - 1, len(records))
+        for record in records:
+            await self._process(record)
+
+    async def _process(self, message: Any) -> None:
+        now = time.time()
+        p = message.partition
+
+        def ready(state: RolloutState) -> bool:
+            return self.watermarks.ready(p, state.max_ts, now, self._caught_up)
+
+        stored = self.table.data.get(message.key) if message.key is not None else None
+        if message.topic == self.commands.get_topic_name():
+            decision = self.processor.check(stored, now, ready)
+        else:
+            self.watermarks.observe(message.topic, p, message.timestamp or 0.0, now, message.offset)
+            decision = self.processor.handle(message.topic, p, message.offset, message.key, message.value,
+                                             stored, now, message.timestamp or 0.0, ready)
+        if message.key is None:  # dead letter of a record without a key: nothing to store
+            for out in decision.outputs:
+                await self._send(out, p)
+        else:
+            await self._apply(message.key, p, decision)
+        # Completions that were waiting for this partition's other topics to catch up.
+        waiting = self.pending.get(p)
+        if waiting:
+            for key in [k for k, ts in waiting.items() if self.watermarks.ready(p, ts, now, self._caught_up)]:
+                await self._apply(key, p, self.processor.check(self.table.data.get(key), now, ready))
 
     def _caught_up(self, topic: str, partition: int) -> bool:
         """Whether this worker has processed everything the topic-partition holds (as last fetched)."""
@@ -288,7 +438,12 @@ class Runtime:
         actives = frozenset(app.assignor.assigned_actives())
         if actives != self.indexed:
             self._reindex()
+            new = {tp.partition for tp in actives - (self.indexed or frozenset())
+                   if tp.topic == self.commands.get_topic_name()}
             self.indexed = actives
+            producer: Any = self.app.producer
+            for partition in sorted(new):
+                await producer.send(self.commands.get_topic_name(), LEDGER, LEDGER_CHECK, partition, None, None)
         now = time.time()
         # Snapshots: the agent changes these dicts while this awaits.
         for p, waiting in list(self.pending.items()):
@@ -321,7 +476,16 @@ class Runtime:
         self.metrics.open_first_seen.clear()
         s = self.settings
         table: Any = self.table
+        # Partitions that moved: their ledger is reloaded from the recovered table at their next record.
+        from faust.types import TP
+
+        actives = self.app.assignor.assigned_actives()
+        for tp in [tp for tp in self.next_offset if TP(*tp) not in actives]:
+            self.next_offset.pop(tp, None)
+            self.ledger_written.pop(tp, None)
         for key, value in table.data.items():
+            if key.startswith(LEDGER):
+                continue
             state = RolloutState.loads(value)
             self.deadlines[key] = state.deadline(s.expire_after, s.expire_from, s.closed_ttl)
             if not state.closed:

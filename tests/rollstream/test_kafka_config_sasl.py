@@ -113,3 +113,77 @@ def test_sasl_plain_broker_through_rollstream_kafka_config(sasl_broker: SaslKafk
         assert got == b"hello over SASL"
     finally:
         consumer.close()
+
+
+def test_sasl_settings_become_faust_credentials() -> None:
+    import faust
+    from rollstream.stream_processors.auth import faust_credentials
+
+    assert faust_credentials({}) is None
+    creds = faust_credentials(kafka_client_config(SASL))
+    assert isinstance(creds, faust.SASLCredentials)
+    assert (creds.username, creds.password, creds.mechanism.value, creds.protocol.value) == (
+        "alice", "alice-secret", "PLAIN", "SASL_PLAINTEXT")
+    scram = faust_credentials({"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
+                               "sasl.username": "u", "sasl.password": "p"})
+    assert scram.protocol.value == "SASL_SSL" and scram.ssl_context is not None
+    assert isinstance(faust_credentials({"security.protocol": "SSL"}), faust.SSLCredentials)
+    with pytest.raises(ConfigError, match="GSSAPI"):
+        faust_credentials({"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "GSSAPI"})
+    with pytest.raises(ConfigError, match="sasl.oauthbearer.config"):
+        faust_credentials({"security.protocol": "SASL_SSL", "sasl.oauthbearer.config": "x"})
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_stream_processor_runs_on_a_sasl_broker(sasl_broker: SaslKafka, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Faust worker (aiokafka) and its confluent-kafka clients both authenticate from ROLLSTREAM_KAFKA_CONFIG:
+    a bad record sent over SASL comes back as a dead letter written by the worker over SASL."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rollstream.schemas.codec import EventCodec, registry_client
+
+    monkeypatch.setenv("ROLLSTREAM_KAFKA_CONFIG", SASL)
+    conn = ConnectionSettings(kafka_bootstrap=sasl_broker.url)
+    topics = Topics(prefix=f"saslp.{uuid.uuid4().hex[:8]}.", partitions=1)
+    create_topics(topics, conn)
+    log = tmp_path / "worker.log"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "ROLLSTREAM_KAFKA_BOOTSTRAP": sasl_broker.url, "ROLLSTREAM_KAFKA_CONFIG": SASL}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("rollstream")), "process", "--topic-prefix", topics.prefix,
+         "--partitions", "1", "--app-id", f"sasl-{uuid.uuid4().hex[:6]}", "--data-dir", str(tmp_path / "data"),
+         "--web-port", str(port)], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    try:
+        producer = Producer(producer_config(conn))
+        producer.produce(topics.calls, key=b"r-1", value=b"not avro")
+        assert producer.flush(30) == 0
+        consumer = Consumer(consumer_config(f"sasl-dl-{uuid.uuid4().hex[:6]}", conn))
+        consumer.subscribe([topics.dead_letters])
+        codec = EventCodec(registry_client(ConnectionSettings()), topics)
+        got = None
+        deadline = time.monotonic() + 120
+        try:
+            while got is None and time.monotonic() < deadline:
+                assert proc.poll() is None, log.read_text()[-4000:]
+                msg = consumer.poll(1.0)
+                if msg is not None and msg.error() is None:
+                    got = codec.decode(topics.dead_letters, msg.value())
+        finally:
+            consumer.close()
+        assert got is not None, "no dead letter within 120 s:\n" + log.read_text()[-4000:]
+        assert (got["topic"], got["error_type"], got["value"]) == (topics.calls, "undecodable",
+                                                                                 b"not avro")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -85,3 +85,9 @@ def test_watermarks_wait_for_lagging_topics_or_idleness() -> None:
     wm.observe("rewards", 0, ts=20.0, now=1000.3)
     assert not wm.ready(0, 20.0, now=1000.4)
     assert wm.ready(0, 20.0, now=1001.0)  # everything idle for the grace period
+    # A partition nothing was read from since a restart: idle from the first time it is asked about.
+    wm2 = Watermarks(("calls", "rewards"), grace=0.5)
+    assert not wm2.ready(1, 5.0, now=2000.0)
+    assert not wm2.ready(1, 5.0, now=2000.3)
+    assert wm2.ready(1, 5.0, now=2000.6)
+    assert not wm2.ready(1, 5.0, now=2000.6, caught_up=lambda t, p: False)  # unless records are still unread

@@ -18,7 +18,7 @@ import pytest
 from rollstream.stream_processors.processor import transition_id
 from sp_helpers import Pipe, call, lifecycle, reward
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 GAMMA = 0.9
 ENV = {"ROLLSTREAM_PROCESS_CREDIT": f"*=discounted:{GAMMA}", "ROLLSTREAM_PROCESS_LOG_INTERVAL": "5"}
