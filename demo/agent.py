@@ -6,6 +6,12 @@ workers wrap it in the rollout API of the gateway: start a rollout (with the tas
 point the client's ``base_url`` at ``/rollouts/{id}/v1`` so every call is attributed, finish it,
 and post the reward — a share of the rewards a few seconds later, as a slow grader would.
 
+The rollout API calls (start, finish, reward) are retried while the gateway is unreachable or
+answers 502/503/504, for up to ``retry_s`` seconds; a model call that still fails after the
+``openai`` client's own retry abandons the rollout, which the stream processor then expires.
+With a ``ledger`` path, every rollout's start, end (and why it was abandoned) and delayed reward
+is appended there as one JSON line, the agents' own record for an accounting (``bench/faults.py``).
+
 Held-out evaluation talks to the policy server directly (greedy), so its calls are not captured
 and never become training data.
 """
@@ -13,6 +19,7 @@ and never become training data.
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 import random
 import threading
@@ -22,6 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -63,11 +71,13 @@ def solve(client: OpenAI, model: str, task: Task, temperature: float, max_tokens
 class DelayedRewards:
     """A thread that posts rewards when they fall due (a slow grader)."""
 
-    def __init__(self, http: httpx.Client) -> None:
-        self.http = http
+    def __init__(self, post: Callable[[str, float], None], on_result: Callable[[str, str | None], None]) -> None:
+        self.post = post
+        self.on_result = on_result  # (rollout id, error or None) once each reward was posted or given up
         self.heap: list[tuple[float, str, float]] = []
         self.cond = threading.Condition()
         self.stopped = False
+        self.busy = False
         self.thread = threading.Thread(target=self._run, name="delayed-rewards", daemon=True)
         self.thread.start()
 
@@ -84,19 +94,75 @@ class DelayedRewards:
                 if self.stopped:
                     return
                 _, rollout_id, value = heapq.heappop(self.heap)
+                self.busy = True
             try:
-                post_reward(self.http, rollout_id, value)
+                self.post(rollout_id, value)
+                self.on_result(rollout_id, None)
             except httpx.HTTPError as exc:
                 log.warning("could not post the reward of rollout %s: %s", rollout_id, exc)
+                self.on_result(rollout_id, f"reward not posted: {exc!r}")
+            finally:
+                with self.cond:
+                    self.busy = False
+                    self.cond.notify_all()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> None:
+        """Stop, after waiting up to ``wait_s`` for the rewards not yet posted; those left are reported."""
+        deadline = time.monotonic() + wait_s
         with self.cond:
+            while (self.heap or self.busy) and time.monotonic() < deadline:
+                self.cond.wait(0.1)
             self.stopped = True
-            self.cond.notify()
+            left, self.heap = self.heap, []
+            self.cond.notify_all()
+        for _, rollout_id, _ in left:
+            self.on_result(rollout_id, "reward not posted: the agents stopped first")
 
 
-def post_reward(http: httpx.Client, rollout_id: str, value: float) -> None:
-    http.post(f"/v1/rollouts/{rollout_id}/rewards", json={"value": value, "terminal": True}).raise_for_status()
+RETRY_STATUS = (502, 503, 504)  # the gateway is restarting, or its event queue is full while Kafka is away
+
+
+def post_with_retry(http: httpx.Client, path: str, body: dict[str, Any], retry_s: float) -> None:
+    """POST to the gateway's rollout API, retrying for up to ``retry_s`` while it cannot take the request.
+
+    A retried request may have been recorded before the connection broke; the stream processor
+    takes the repeat of a start or finish as the same status, and only the first terminal reward.
+    """
+    deadline = time.monotonic() + retry_s
+    delay = 0.25
+    while True:
+        try:
+            http.post(path, json=body).raise_for_status()
+            return
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code not in RETRY_STATUS or time.monotonic() + delay > deadline:
+                raise
+        except httpx.TransportError:
+            if time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2 * delay, 2.0)
+
+
+class Ledger:
+    """Append-only JSON lines, one per rollout start, end and delayed reward (None: record nothing)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.lock = threading.Lock()
+        self.file = open(path, "a", buffering=1) if path is not None else None  # noqa: SIM115 - closed in close()
+
+    def write(self, **fields: Any) -> None:
+        if self.file is None:
+            return
+        line = json.dumps({"t": round(time.time(), 3), **fields})
+        with self.lock:
+            if not self.file.closed:
+                self.file.write(line + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            with self.lock:
+                self.file.close()
 
 
 @dataclass
@@ -106,6 +172,7 @@ class WorkerStats:
     rollouts: int = 0
     calls: int = 0
     errors: int = 0
+    active: int = 0  # rollouts under way
     rewards: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=4000))  # (time, reward)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -122,7 +189,8 @@ class Workers:
     def __init__(self, gateway_url: str, policy: str, group_size: int, concurrency: int,
                  delayed_share: float = 0.25, max_delay_s: float = 4.0, temperature: float = 1.0,
                  seed: int = 0, held_out: list[Task] | None = None,
-                 allowance: Callable[[], int] | None = None) -> None:
+                 allowance: Callable[[], int] | None = None, retry_s: float = 30.0,
+                 ledger: Path | None = None) -> None:
         self.gateway_url = gateway_url.rstrip("/")
         self.policy = policy
         self.group_size = group_size
@@ -130,13 +198,15 @@ class Workers:
         self.delayed_share = delayed_share
         self.max_delay_s = max_delay_s
         self.temperature = temperature
+        self.retry_s = retry_s
+        self.ledger = Ledger(ledger)
         self.rng = random.Random(seed)
         self.tasks = tasks.TrainTasks(held_out or [], seed)
         self.stats = WorkerStats()
         self.http = httpx.Client(base_url=self.gateway_url, timeout=60.0,
                                  limits=httpx.Limits(max_connections=concurrency * 2 + 4))
         self.client = OpenAI(base_url=self.gateway_url + "/v1", api_key="demo", max_retries=1, timeout=120.0)
-        self.delayed = DelayedRewards(self.http)
+        self.delayed = DelayedRewards(self._post_reward, self._reward_result)
         # How many groups may have been started so far: keeps the agents a few trainer steps ahead
         # of the trainer instead of flooding it with rollouts that go stale before they are used.
         self.allowance = allowance
@@ -148,9 +218,22 @@ class Workers:
         self.thread.start()
 
     def stop(self) -> None:
+        """Start no more rollouts; let those under way finish and the delayed rewards fall due."""
         self.stop_event.set()
-        self.thread.join(90)
-        self.delayed.stop()
+        if self.thread.ident is not None:  # started
+            self.thread.join(90)
+        self.delayed.stop(wait_s=self.max_delay_s + 5.0)
+        self.ledger.close()
+
+    def _post_reward(self, rollout_id: str, value: float) -> None:
+        post_with_retry(self.http, f"/v1/rollouts/{rollout_id}/rewards", {"value": value, "terminal": True},
+                        self.retry_s)
+
+    def _reward_result(self, rollout_id: str, error: str | None) -> None:
+        self.ledger.write(event="reward", rollout_id=rollout_id, posted=error is None, error=error)
+        if error is not None:
+            with self.stats.lock:
+                self.stats.errors += 1
 
     def _run(self) -> None:
         slots = threading.Semaphore(self.concurrency)
@@ -171,25 +254,38 @@ class Workers:
 
     def rollout(self, task: Task, group_id: str) -> None:
         rollout_id = uuid.uuid4().hex
+        stage = "start"
+        self.ledger.write(event="start", rollout_id=rollout_id, task_id=task.task_id, group_id=group_id)
+        with self.stats.lock:
+            self.stats.active += 1
         try:
-            self.http.post("/v1/rollouts", json={"rollout_id": rollout_id, "task_id": task.task_id,
-                                                 "group_id": group_id, "policy": self.policy}).raise_for_status()
+            post_with_retry(self.http, "/v1/rollouts", {"rollout_id": rollout_id, "task_id": task.task_id,
+                                                        "group_id": group_id, "policy": self.policy}, self.retry_s)
+            stage = "model call"
             client = self.client.with_options(base_url=f"{self.gateway_url}/rollouts/{rollout_id}/v1")
             episode = solve(client, self.policy, task, self.temperature)
-            self.http.post(f"/v1/rollouts/{rollout_id}/finish",
-                           json={"status": "SUCCEEDED", "task_id": task.task_id, "group_id": group_id}
-                           ).raise_for_status()
-            if self.rng.random() < self.delayed_share:
+            stage = "finish"
+            post_with_retry(self.http, f"/v1/rollouts/{rollout_id}/finish",
+                            {"status": "SUCCEEDED", "task_id": task.task_id, "group_id": group_id}, self.retry_s)
+            stage = "reward"
+            delayed = self.rng.random() < self.delayed_share
+            if delayed:
                 self.delayed.post_later(self.rng.uniform(1.0, self.max_delay_s), rollout_id, episode.reward)
             else:
-                post_reward(self.http, rollout_id, episode.reward)
+                self._post_reward(rollout_id, episode.reward)
         except Exception as exc:  # an agent failing must not stop the others
             with self.stats.lock:
                 self.stats.errors += 1
+                self.stats.active -= 1
+            # Abandoned: whatever reached the gateway stays an open rollout until the processor expires it.
+            self.ledger.write(event="end", rollout_id=rollout_id, ok=False, stage=stage, error=repr(exc)[:300])
             if not self.stop_event.is_set():
-                log.warning("rollout %s failed: %s", rollout_id, exc)
+                log.warning("rollout %s failed at its %s: %s", rollout_id, stage, exc)
             return
+        self.ledger.write(event="end", rollout_id=rollout_id, ok=True, calls=episode.calls, reward=episode.reward,
+                          reward_delayed=delayed)
         with self.stats.lock:
+            self.stats.active -= 1
             self.stats.rollouts += 1
             self.stats.calls += episode.calls
             self.stats.rewards.append((time.monotonic(), episode.reward))

@@ -62,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def trainer_args(args: argparse.Namespace, conn: ConnectionSettings, run_id: str) -> list[str]:
+    """The ``rollstream train`` options of a demo run (its own checkpoint folder and consumer group)."""
+    batch = args.group_size * args.groups_per_step * 2  # two calls (transitions) per rollout
+    return [
+        "--objective", "grpo", "--group-size", str(args.group_size), "--batch-size", str(batch),
+        "--micro-batch-size", "32", "--lr", str(args.lr), "--checkpoint-every", str(args.checkpoint_every),
+        "--max-policy-lag", "4", "--group-timeout-s", "20", "--batch-timeout-s", "5",
+        "--checkpoint-uri", f"s3://{conn.s3_bucket}/demo/{run_id}", "--consumer-group", f"demo-trainer-{run_id}",
+        "--experiment", "rollstream-demo",
+    ]
+
+
 def _table(elapsed: float, loop: Loop, workers: agent.Workers, curves: Curves, events_per_s: float) -> Table:
     t = Table("elapsed", "trainer step", "policy served", "reward (30 s)", "held-out acc", "events/s", "lag",
               title="rollstream demo")
@@ -84,14 +96,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         model_dir = model.build_model(args.model)
     conn = ConnectionSettings()
     conn = dataclasses.replace(conn, topic_prefix=args.topic_prefix or f"demo.{run_id}.")
-    batch = args.group_size * args.groups_per_step * 2  # two calls (transitions) per rollout
-    train_args = [
-        "--objective", "grpo", "--group-size", str(args.group_size), "--batch-size", str(batch),
-        "--micro-batch-size", "32", "--lr", str(args.lr), "--checkpoint-every", str(args.checkpoint_every),
-        "--max-policy-lag", "4", "--group-timeout-s", "20", "--batch-timeout-s", "5",
-        "--checkpoint-uri", f"s3://{conn.s3_bucket}/demo/{run_id}", "--consumer-group", f"demo-trainer-{run_id}",
-        "--experiment", "rollstream-demo",
-    ]
+    train_args = trainer_args(args, conn, run_id)
     held_out = tasks.eval_tasks(args.eval_tasks)
     loop = Loop(run_dir, conn, model_dir, args.policy, train_args, run_id, threads=args.threads)
     curves = Curves()
@@ -121,6 +126,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             version_before=v0, version_after=v1, served_version=stats.get("policy_version"),
             reloads=stats.get("reloads"), trainer_steps=loop.trainer.step, rollouts=workers.stats.rollouts,
             agent_errors=workers.stats.errors, training_seconds=round(time.monotonic() - t0, 1),
+            restarts=dict(loop.restarts),
         )
     finally:
         if workers is not None:
@@ -148,7 +154,7 @@ def _drive(args: argparse.Namespace, console: Console, loop: Loop, workers: agen
             live.start()
         while True:
             time.sleep(1.0)
-            loop.check()
+            loop.supervise()
             loop.poll()
             now = time.monotonic()
             calls = workers.stats.calls + workers.stats.rollouts * 3  # calls + started/finished/reward events

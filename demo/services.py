@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rollstream.schemas.codec import register_schemas, registry_client
 from rollstream.schemas.topics import Topics, create_topics
@@ -40,6 +42,7 @@ class Child:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    args: list[str] = field(default_factory=list)  # the rollstream subcommand and its arguments
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -60,6 +63,12 @@ class Child:
             log.warning("%s (pid %d) did not stop in %.0f s; killing it", self.name, self.process.pid, timeout)
             self.process.kill()
             self.process.wait(timeout)
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        """Signal the process (``kill -9`` by default) and reap it; returns its exit code."""
+        if self.alive():
+            self.process.send_signal(sig)
+        return self.process.wait(60)
 
 
 @dataclass
@@ -91,7 +100,8 @@ class Loop:
     """Server, gateway, processor and trainer for one run; ``stop()`` ends every one it started."""
 
     def __init__(self, run_dir: Path, conn: ConnectionSettings, model_dir: Path, policy: str,
-                 train_args: list[str], run_id: str, threads: int = 1) -> None:
+                 train_args: list[str], run_id: str, threads: int = 1,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.run_dir = run_dir
         self.run_id = run_id
         self.conn = conn
@@ -105,19 +115,39 @@ class Loop:
         self.env = {**os.environ, "ROLLSTREAM_TOPIC_PREFIX": conn.topic_prefix,
                     "ROLLSTREAM_PARTITIONS": str(conn.partitions), "MLFLOW_DISABLE_TELEMETRY": "true",
                     "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
-                    "ROLLSTREAM_PROCESS_COMMIT_INTERVAL": "0.25"}
+                    "ROLLSTREAM_PROCESS_COMMIT_INTERVAL": "0.25", **(extra_env or {})}
         self.trainer = TrainerProgress()
+        self.processor_port = 0
+        self.restarts: dict[str, int] = {}  # process name -> restarts after it exited on its own
 
     def _spawn(self, name: str, args: list[str]) -> Child:
         log_path = self.run_dir / f"{name}.log"
         out = open(log_path, "ab")  # noqa: SIM115 - the child holds it
         cmd = [sys.executable, "-m", "rollstream.cli", *args]
         (self.run_dir / f"{name}.cmd").write_text(" ".join(cmd) + "\n")
-        child = Child(name, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env), log_path)
+        child = Child(name, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env), log_path,
+                      list(args))
         out.close()
-        self.children.append(child)
+        names = [c.name for c in self.children]
+        if name in names:  # a restart keeps the process's place (stop() goes through them in order)
+            self.children[names.index(name)] = child
+        else:
+            self.children.append(child)
         log.info("started %s (pid %d), log %s", name, child.process.pid, log_path)
         return child
+
+    def child(self, name: str) -> Child:
+        for child in self.children:
+            if child.name == name:
+                return child
+        raise DemoError(f"no process '{name}' in the loop")
+
+    def respawn(self, name: str, args: list[str] | None = None) -> Child:
+        """Start ``name`` again with the arguments it had (or ``args``); the old process must be gone."""
+        old = self.child(name)
+        if old.alive():
+            raise DemoError(f"{name} (pid {old.process.pid}) is still running")
+        return self._spawn(name, old.args if args is None else args)
 
     def create_topics(self) -> Topics:
         topics = Topics(self.conn.topic_prefix, self.conn.partitions)
@@ -138,8 +168,9 @@ class Loop:
         self.gateway_url = f"http://127.0.0.1:{port}"
         self._spawn("gateway", ["gateway", "--port", str(port), "--backend-url", self.server.base_url,
                                 "--policy", self.policy, "--no-create-topics", "--log-level", "warning"])
-        self._spawn("processor", ["process", "--app-id", f"demo-processor-{self.run_id}",
-                                  "--data-dir", str(self.run_dir / "processor"), "--web-port", str(free_port())])
+        self.processor_port = free_port()
+        self._spawn("processor", ["process", "--app-id", f"demo-processor-{self.run_id}", "--data-dir",
+                                  str(self.run_dir / "processor"), "--web-port", str(self.processor_port)])
         self._spawn("trainer", ["train", "--policy", self.policy, "--model", str(self.model_dir),
                                 "--threads", str(self.threads), "--no-progress", *self.train_args])
         self.wait_healthy(self.gateway_url + "/healthz", "gateway", timeout)
@@ -162,6 +193,36 @@ class Loop:
         for child in self.children:
             if not child.alive() and child.name != "trainer":
                 raise DemoError(f"{child.name} exited with {child.process.returncode}: {child.tail()}")
+
+    def supervise(self, max_restarts: int = 5) -> list[tuple[str, int | None, str]]:
+        """Start again a gateway, processor or trainer that exited on its own (as a process manager would);
+        returns (name, exit code, last log lines) of each restarted. The policy server, or a process that keeps
+        dying, ends the run."""
+        if self.server and self.server.process and self.server.process.poll() is not None:
+            raise DemoError(f"the policy server exited: {self.server.log_tail()}")
+        restarted = []
+        for child in list(self.children):
+            if child.alive() or (child.name == "trainer" and child.process.returncode == 0):
+                continue
+            count = self.restarts.get(child.name, 0)
+            if count >= max_restarts:
+                raise DemoError(f"{child.name} exited with {child.process.returncode} after {count} restarts: "
+                                f"{child.tail()}")
+            self.restarts[child.name] = count + 1
+            log.warning("%s exited with %s; starting it again (%d/%d). Last lines:\n%s", child.name,
+                        child.process.returncode, count + 1, max_restarts, child.tail(600))
+            tail = child.tail()
+            self.respawn(child.name)
+            restarted.append((child.name, child.process.returncode, tail))
+        return restarted
+
+    def processor_stats(self) -> dict[str, Any]:
+        """The processor's /stats (its counters since it started), or {} when it does not answer."""
+        try:
+            stats: dict[str, Any] = get_json(f"http://127.0.0.1:{self.processor_port}/stats", timeout=2.0)
+        except (urllib.error.URLError, OSError, ValueError):
+            return {}
+        return stats
 
     def trainer_alive(self) -> bool:
         return any(c.name == "trainer" and c.alive() for c in self.children)

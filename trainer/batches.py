@@ -11,6 +11,9 @@ checkpointed too.
 
 Staleness is judged when a group is released into a batch, against the trainer's current
 policy version: members more than ``max_policy_lag`` versions behind are dropped and counted.
+The ids of transitions dropped (stale, too long, empty) since the last checkpoint are kept
+with the reason (``dropped``) and written into the next checkpoint, beside the ids trained, so
+the checkpoints say what became of every transition the trainer consumed.
 """
 
 from __future__ import annotations
@@ -115,13 +118,17 @@ class TransitionReader:
         self.groups: OrderedDict[str, Group] = OrderedDict()  # filling
         self.ready: list[Group] = []  # released, in order
         self.trained: dict[int, list[tuple[int, str]]] = {}  # partition -> (offset, id) trained since checkpoint
+        self.dropped: dict[str, str] = {}  # transition id -> why it was not trained, since the last checkpoint
         self.last_message = time.monotonic()
         self.batch_wait_since: float | None = None
         group_id = config.consumer_group or f"rollstream-trainer-{config.policy}"
         # Static membership: a trainer restarted after a crash takes its partitions back at once instead of
         # waiting for the dead member's session to time out. One trainer job (rank 0) consumes per policy.
+        # The session outlasts a broker restart: when it times out locally, librdkafka rejoins under a new
+        # member id while the broker may still hold the old one for this instance id, and the "fenced by
+        # other consumer with same group.instance.id" that follows is fatal (found by bench/faults.py).
         self.consumer = Consumer(consumer_config(group_id, connection, **{
-            "enable.partition.eof": False, "group.instance.id": f"{group_id}-rank0", "session.timeout.ms": 10000,
+            "enable.partition.eof": False, "group.instance.id": f"{group_id}-rank0", "session.timeout.ms": 45000,
         }))
         self.consumer.subscribe([self.topic], on_assign=self._on_assign)
 
@@ -237,10 +244,12 @@ class TransitionReader:
         prompt, response = list(record["prompt_token_ids"]), list(record["response_token_ids"])
         if not prompt or not response:
             self.counts["empty"] += 1
+            self.dropped[record["transition_id"]] = "empty"
             log.warning("skipping transition %s: empty prompt or response", record["transition_id"])
             return None
         if len(prompt) + len(response) > self.config.max_seq_len:
             self.counts["too_long"] += 1
+            self.dropped[record["transition_id"]] = "too_long"
             return None
         behaviour = record.get("behaviour_logprobs")
         if behaviour is not None and len(behaviour) != len(response):
@@ -286,6 +295,7 @@ class TransitionReader:
                 for s in group.samples:
                     if s not in fresh:
                         self._mark_done(s)
+                        self.dropped[s.transition_id] = "stale"
                 group.samples = fresh
         self.ready = [g for g in self.ready if g.samples]
         chosen: list[Group] = []

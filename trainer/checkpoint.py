@@ -3,9 +3,10 @@
 A checkpoint is a folder ``<root>/step-000120/`` holding the weights (``save_pretrained``:
 safetensors, or the adapter under LoRA) with the tokenizer, so serving loads it as is;
 ``optimizer.pt``; ``trainer_state.json`` (dedup window, baseline, the transition ids each step
-since the previous checkpoint consumed); and ``meta.json`` (step, policy version, the resume
-offsets per partition, the ids trained beyond them). ``meta.json`` is uploaded last: a folder
-without it is an interrupted upload and is ignored (and overwritten when that step comes again).
+since the previous checkpoint consumed, and the ids dropped since then with the reason); and
+``meta.json`` (step, policy version, the resume offsets per partition, the ids trained beyond
+them). ``meta.json`` is uploaded last: a folder without it is an interrupted upload and is
+ignored (and overwritten when that step comes again).
 
 Each checkpoint becomes a version of the registered model named after the policy
 (source = the checkpoint's S3 URI, tags ``policy_version`` and ``s3_uri``), and the alias

@@ -171,8 +171,9 @@ def train(config: TrainConfig, connection: ConnectionSettings | None = None,
         files = save_weights(model, local, base_dir)
         torch.save(optimizer.state_dict(), local / OPTIMIZER)
         resume, above, seen = reader.checkpoint_state()
-        (local / STATE).write_text(json.dumps({"consumed": consumed, "seen": seen, "baseline": baseline,
-                                               "counts": dict(reader.counts)}))
+        dropped = dict(reader.dropped)
+        (local / STATE).write_text(json.dumps({"consumed": consumed, "dropped": dropped, "seen": seen,
+                                               "baseline": baseline, "counts": dict(reader.counts)}))
         meta = {"format": 1, "policy": config.policy, "step": step, "policy_version": version + 1,
                 "kind": "ADAPTER" if config.lora_rank else "FULL", "base_model": config.model,
                 "topic": reader.topic, "offsets": {str(p): o for p, o in sorted(resume.items())},
@@ -180,6 +181,8 @@ def train(config: TrainConfig, connection: ConnectionSettings | None = None,
                 "files": sorted(files + [OPTIMIZER, STATE]), "config": config.to_params()}
         uri = ckpts.upload(local, step, meta)
         result.timings.setdefault("checkpoint_s", []).append(time.perf_counter() - started)
+        for tid in dropped:
+            reader.dropped.pop(tid, None)
         reader.commit(resume)  # only after the checkpoint that holds these offsets is on S3
         version += 1
         publish(step, version, uri)

@@ -114,6 +114,23 @@ class Stack:
                 )
             self.report(f"{svc.name}: healthy at {svc.url} after {time.monotonic() - t0:.1f}s")
 
+    def service(self, name: str) -> Service:
+        for svc in self.services:
+            if svc.name == name:
+                return svc
+        raise StackError(f"no service '{name}' in the local stack; one of {', '.join(s.name for s in self.services)}")
+
+    def restart(self, name: str, down_s: float = 0.0) -> float:
+        """Stop one service (SIGTERM, SIGKILL after 20 s), wait ``down_s``, start it again on the same
+        ports and data folder, and wait for its health check; returns the seconds it was down."""
+        svc = self.service(name)
+        t0 = time.monotonic()
+        svc.process.stop()
+        self.report(f"{svc.name}: stopped")
+        time.sleep(down_s)
+        self._start([svc])
+        return time.monotonic() - t0
+
     def down(self) -> list[str]:
         """Stop the processes this stack started (MLflow first); returns their names."""
         stopped = []

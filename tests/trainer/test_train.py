@@ -116,7 +116,7 @@ def test_lora_checkpoint_is_an_adapter(
 
 
 def test_stale_samples_are_dropped_exactly(
-    settings: ConnectionSettings, topics: Topics, codec: EventCodec,
+    settings: ConnectionSettings, topics: Topics, codec: EventCodec, store: ObjectStore,
     make_config: Callable[..., TrainConfig], policy: str,
 ) -> None:
     # Current version 10, max lag 2: versions 8, 9, 10 are used; 5, 6, 7 dropped.
@@ -126,7 +126,15 @@ def test_stale_samples_are_dropped_exactly(
         records.append(transition(policy, f"r{i}", [5, 6, 7], [9, 9], float(i % 2), version=v,
                                   logprobs=[-1.0, -1.0]))
     produce(settings, codec, topics, records)
-    result = train(make_config(objective="reinforce", start_version=10, max_policy_lag=2, batch_size=3,
-                               mlflow=False, publish=False), connection_for(settings, topics))
+    config = make_config(objective="reinforce", start_version=10, max_policy_lag=2, batch_size=3, mlflow=False,
+                         publish=False)
+    result = train(config, connection_for(settings, topics))
     assert result.counts["stale"] == 3
     assert result.counts["trained"] == 3
+    # The checkpoint says what became of each: the trained ids by step, the dropped ones with the reason.
+    ckpts = CheckpointStore(store, config.checkpoint_uri)
+    states = [ckpts.state(step) for step in ckpts.steps()]
+    assert sorted(t for st in states for ids in st["consumed"].values() for t in ids) == sorted(
+        r["transition_id"] for r in records if r["policy_version"] >= 8)
+    dropped = {t: why for st in states for t, why in st["dropped"].items()}
+    assert dropped == {r["transition_id"]: "stale" for r in records if r["policy_version"] < 8}
