@@ -12,7 +12,10 @@ and its throughput as a ratio of direct.
     .venv/bin/python bench/gateway.py --quick    # under a minute (needs `rollstream stack up`)
 
 LiteLLM is installed on first use into its own virtual environment
-(~/.cache/rollstream/bench-litellm, pinned below); --no-litellm skips it.
+(~/.cache/rollstream/bench-litellm, pinned below); --no-litellm skips it. The gateway answers
+once Kafka acknowledged each call's event (ROLLSTREAM_GATEWAY_ACKS=kafka, the default);
+--acks queued measures the answer-once-queued mode instead, --acks both the two side by side
+(the second as ``gw-queued``).
 The last line printed is one JSON object with every figure.
 """
 
@@ -279,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, help="seconds per measurement (default 8; quick: 1.2)")
     p.add_argument("--concurrency", default="1,16,128")
     p.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM comparison")
+    p.add_argument("--acks", choices=["kafka", "queued", "both"], default="kafka",
+                   help="the gateway's ROLLSTREAM_GATEWAY_ACKS (both: one gateway of each)")
     p.add_argument("--role", choices=["main", "canned", "loadgen"], default="main", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -302,22 +307,30 @@ def main(argv: list[str] | None = None) -> int:
 
     py = sys.executable
     try:
-        bport, gport, lport = free_ports(3)
+        bport, gport, lport, qport = free_ports(4)
         backend = f"http://127.0.0.1:{bport}/v1"
         canned = spawn([py, __file__, "--role", "canned", "--port", str(bport)])
-        gateway = spawn([str(ROOT / ".venv" / "bin" / "rollstream"), "gateway", "--port", str(gport),
-                         "--backend-url", backend, "--topic-prefix", TOPIC_PREFIX, "--log-level", "warning"])
+        modes = ["kafka", "queued"] if args.acks == "both" else [args.acks]
+        # name -> (port, process) of each gateway
+        gateways = {name: (port, spawn([str(ROOT / ".venv" / "bin" / "rollstream"), "gateway", "--port", str(port),
+                                        "--backend-url", backend, "--topic-prefix", TOPIC_PREFIX, "--acks", mode,
+                                        "--log-level", "warning"]))
+                    for name, port, mode in zip(["gateway", "gw-queued"] if len(modes) == 2 else ["gateway"],
+                                                [gport, qport], modes, strict=False)}
         litellm = None if args.no_litellm else start_litellm(backend, lport, workdir, log)
         if litellm is not None:
             procs.append(litellm)
         wait_http(f"{backend}/models", canned, 30)
-        wait_http(f"http://127.0.0.1:{gport}/healthz", gateway, 60)
+        for port, gateway in gateways.values():
+            wait_http(f"http://127.0.0.1:{port}/healthz", gateway, 60)
         if litellm is not None:
             wait_http(f"http://127.0.0.1:{lport}/v1/models", litellm, 120, {"Authorization": f"Bearer {LITELLM_KEY}"})
         # name -> (url, headers, the process whose CPU time is charged to it)
-        targets = {"direct": (f"{backend}/chat/completions", {}, canned.pid),
-                   "gateway": (f"http://127.0.0.1:{gport}/v1/chat/completions",
-                               {"X-Rollout-Id": "set per client", "X-Agent-Name": "bench"}, gateway.pid)}
+        targets: dict[str, tuple[str, dict[str, str], int]] = {
+            "direct": (f"{backend}/chat/completions", {}, canned.pid)}
+        for name, (port, gateway) in gateways.items():
+            targets[name] = (f"http://127.0.0.1:{port}/v1/chat/completions",
+                             {"X-Rollout-Id": "set per client", "X-Agent-Name": "bench"}, gateway.pid)
         if litellm is not None:
             targets["litellm"] = (f"http://127.0.0.1:{lport}/v1/chat/completions",
                                   {"Authorization": f"Bearer {LITELLM_KEY}"}, litellm.pid)
@@ -337,8 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         for url, headers, _pid in targets.values():  # first requests are slow everywhere (imports, pools)
             for stream in (False, True):
                 measure(url, headers, 4, stream, 0.5, 0.0)
-        enqueued_before = metric(f"http://127.0.0.1:{gport}/metrics", "rollstream_gateway_events_enqueued_total")
-        published_before = metric(f"http://127.0.0.1:{gport}/metrics", "rollstream_gateway_events_published_total")
+        def gateway_metric(name: str) -> float:
+            return sum(metric(f"http://127.0.0.1:{port}/metrics", name) for port, _ in gateways.values())
+
+        enqueued_before = gateway_metric("rollstream_gateway_events_enqueued_total")
+        published_before = gateway_metric("rollstream_gateway_events_published_total")
         results: list[dict[str, Any]] = []
         for stream in (False, True):
             for conc in levels:
@@ -361,11 +377,11 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(row)
                 print_row(row, list(targets))
         time.sleep(1.0)
-        enqueued = metric(f"http://127.0.0.1:{gport}/metrics", "rollstream_gateway_events_enqueued_total")
-        published = metric(f"http://127.0.0.1:{gport}/metrics", "rollstream_gateway_events_published_total")
+        enqueued = gateway_metric("rollstream_gateway_events_enqueued_total")
+        published = gateway_metric("rollstream_gateway_events_published_total")
         summary = {
             "bench": "gateway", "quick": args.quick, "seconds_per_measurement": seconds, "cpus": os.cpu_count(),
-            "litellm_version": None if litellm is None else LITELLM_VERSION,
+            "litellm_version": None if litellm is None else LITELLM_VERSION, "gateway_acks": modes,
             "gateway_events_enqueued": enqueued - enqueued_before,
             "gateway_events_published": published - published_before,
             "results": results,
@@ -395,7 +411,7 @@ _HEADER_PRINTED = False
 def print_row(row: dict[str, Any], names: list[str]) -> None:
     global _HEADER_PRINTED
     if not _HEADER_PRINTED:
-        print(f"{'mode':6} {'conc':>4} | {'target':8} {'rps':>8} {'p50 ms':>8} {'p99 ms':>8} | "
+        print(f"{'mode':6} {'conc':>4} | {'target':9} {'rps':>8} {'p50 ms':>8} {'p99 ms':>8} | "
               f"{'+p50 ms':>8} {'+p99 ms':>8} {'tput/direct':>11} | {'cpu us/req':>10}")
         _HEADER_PRINTED = True
     for name in names:
@@ -404,7 +420,7 @@ def print_row(row: dict[str, Any], names: list[str]) -> None:
         def f(v: Any, fmt: str = ".2f") -> str:
             return "-" if v is None else format(v, fmt)
 
-        print(f"{row['mode']:6} {row['concurrency']:>4} | {name:8} {f(r['rps'], '.0f'):>8} {f(r['p50_ms']):>8} "
+        print(f"{row['mode']:6} {row['concurrency']:>4} | {name:9} {f(r['rps'], '.0f'):>8} {f(r['p50_ms']):>8} "
               f"{f(r['p99_ms']):>8} | {f(r.get('added_p50_ms')):>8} {f(r.get('added_p99_ms')):>8} "
               f"{f(r.get('throughput_ratio'), '.3f'):>11} | {f(r.get('cpu_us_per_request'), '.0f'):>10}"
               + (f"  errors={r['errors']}" if r["errors"] else ""))

@@ -125,9 +125,11 @@ RETRY_STATUS = (502, 503, 504)  # the gateway is restarting, or its event queue 
 def post_with_retry(http: httpx.Client, path: str, body: dict[str, Any], retry_s: float) -> None:
     """POST to the gateway's rollout API, retrying for up to ``retry_s`` while it cannot take the request.
 
-    A retried request may have been recorded before the connection broke; the stream processor
-    takes the repeat of a start or finish as the same status, and only the first terminal reward.
+    Every try carries the same ``event_id``: a request the gateway queued but could not confirm
+    (503 while Kafka is away) may still reach Kafka, and the stream processor then drops the
+    retry as a duplicate of it.
     """
+    body = {**body, "event_id": body.get("event_id") or uuid.uuid4().hex}
     deadline = time.monotonic() + retry_s
     delay = 0.25
     while True:

@@ -5,6 +5,12 @@
 - ``POST /v1/rollouts/{id}/rewards`` → Reward (finite ``value``; NaN and infinities refused).
 
 Invalid input is answered 422 with the offending field in ``error.param`` and the message.
+
+Every body may carry the client's own ``event_id`` (by default the gateway makes one up and
+answers with it). A retry that sends the same ``event_id`` (and, for a reward, the same
+``source``) is a duplicate the stream processor drops, since it keeps one event per
+``(source, event_id)``: so a request answered 503 because Kafka had not acknowledged its
+event in time (it may still arrive) can be retried without counting twice.
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ def _optional_str(body: dict[str, Any], param: str) -> str | None:
     return value
 
 
+def _event_id(body: dict[str, Any]) -> dict[str, str]:
+    """``event_id`` for make_event when the client gave one (else make_event generates one)."""
+    value = body.get("event_id")
+    return {} if value is None else {"event_id": check_id(value, "event_id")}
+
+
 def _attempt(body: dict[str, Any], default: int | None) -> int | None:
     value = body.get("attempt", default)
     if value is None:
@@ -69,7 +81,7 @@ def _metadata(body: dict[str, Any]) -> dict[str, str]:
 
 def start_rollout(body: dict[str, Any], source: str, default_policy: str) -> dict[str, Any]:
     """A RolloutEvent STARTED for ``POST /v1/rollouts``."""
-    _known(body, {"rollout_id", "attempt", "task_id", "group_id", "policy", "metadata"})
+    _known(body, {"rollout_id", "attempt", "task_id", "group_id", "policy", "metadata", "event_id"})
     rollout_id = check_id(body["rollout_id"], "rollout_id") if body.get("rollout_id") is not None else uuid.uuid4().hex
     return make_event(
         "RolloutEvent",
@@ -81,13 +93,14 @@ def start_rollout(body: dict[str, Any], source: str, default_policy: str) -> dic
         task_id=_optional_str(body, "task_id"),
         group_id=_optional_str(body, "group_id"),
         metadata=_metadata(body),
+        **_event_id(body),
     )
 
 
 def finish_rollout(rollout_id: str, body: dict[str, Any], source: str, default_policy: str,
                    attempt: int) -> dict[str, Any]:
     """A RolloutEvent SUCCEEDED / FAILED / CANCELLED for ``POST /v1/rollouts/{id}/finish``."""
-    _known(body, {"status", "error", "attempt", "policy", "task_id", "group_id", "metadata"})
+    _known(body, {"status", "error", "attempt", "policy", "task_id", "group_id", "metadata", "event_id"})
     status = body.get("status")
     if status is None:
         raise _invalid("status", f"is required: one of {', '.join(FINISH_STATUSES)}")
@@ -104,12 +117,13 @@ def finish_rollout(rollout_id: str, body: dict[str, Any], source: str, default_p
         group_id=_optional_str(body, "group_id"),
         error=_optional_str(body, "error"),
         metadata=_metadata(body),
+        **_event_id(body),
     )
 
 
 def reward(rollout_id: str, body: dict[str, Any], source: str) -> dict[str, Any]:
     """A Reward for ``POST /v1/rollouts/{id}/rewards``; the value must be a finite number."""
-    _known(body, {"value", "call_id", "name", "terminal", "attempt", "source", "metadata"})
+    _known(body, {"value", "call_id", "name", "terminal", "attempt", "source", "metadata", "event_id"})
     if "value" not in body or body["value"] is None:
         raise _invalid("value", "is required (a finite number)")
     value = body["value"]
@@ -138,4 +152,5 @@ def reward(rollout_id: str, body: dict[str, Any], source: str) -> dict[str, Any]
         value=value,
         terminal=terminal,
         metadata=_metadata(body),
+        **_event_id(body),
     )

@@ -10,6 +10,25 @@ Reward events. Routes:
   set a base URL; otherwise the ``X-Rollout-Id``, ``X-Attempt``, ``X-Agent-Name`` headers;
 - ``POST /v1/rollouts``, ``/v1/rollouts/{id}/finish``, ``/v1/rollouts/{id}/rewards`` (scope ``rewards``);
 - ``GET /metrics`` (Prometheus) and ``GET /healthz``.
+
+When it answers (``ROLLSTREAM_GATEWAY_ACKS``):
+
+- ``kafka`` (the default): only once Kafka acknowledged every event of the request (``acks=all``,
+  idempotent producer), so nothing the gateway answered 2xx for is lost if it is killed the next
+  moment. A rollout or reward request whose event is not acknowledged within
+  ``ROLLSTREAM_GATEWAY_ACK_TIMEOUT`` seconds is answered 503 (``event_not_acknowledged``; the event
+  stays queued and may still arrive) with its ``event_id`` (and ``rollout_id``): sending the
+  request again with that ``event_id`` in the body is safe, as the stream processor drops a
+  repeated ``(source, event_id)``. A model call is answered all the same (the client got real
+  tokens), whole answers with ``X-Rollstream-Recorded: pending`` (``failed`` if Kafka refused the
+  event), streams with an SSE comment ``: rollstream-recorded pending`` before ``data: [DONE]``,
+  which the gateway holds back until the acknowledgement; both are counted in
+  ``rollstream_gateway_unacknowledged_total``.
+- ``queued``: as soon as the events are in the publisher's memory queue (lowest latency; a
+  ``kill -9`` loses what was queued in the last moments).
+
+A full queue is handled in both modes alike: 503 ``event_queue_full``, or served and counted
+(``ROLLSTREAM_GATEWAY_ON_FULL``).
 """
 
 from __future__ import annotations
@@ -21,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, cast, get_args
 
+import orjson
 from rollstream.producers import api
 from rollstream.producers.auth import KeyRing, ScopeName, guard_unauthenticated, is_loopback  # noqa: F401 - re-exported
 from rollstream.producers.capture import SOURCE
@@ -38,12 +58,12 @@ from rollstream.producers.http import (
 )
 from rollstream.producers.metrics import GatewayMetrics
 from rollstream.producers.proxy import Attribution, ModelProxy, OnFull
-from rollstream.producers.publisher import KafkaPublisher, Publisher
+from rollstream.producers.publisher import LINGER_MS, Acks, Delivery, KafkaPublisher, Publisher
 from rollstream.schemas.topics import Topics
 
 from rollstream.errors import ConfigError, RollstreamError, SerializationError
 from rollstream.events import prepare_codec
-from rollstream.settings import ConnectionSettings, env, env_int
+from rollstream.settings import ConnectionSettings, env, env_float, env_int
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +72,7 @@ MODEL_ROUTES = {"chat/completions": "CHAT_COMPLETIONS", "completions": "COMPLETI
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    """How the gateway listens, where it forwards, and how it treats a full event queue."""
+    """How the gateway listens, where it forwards, when it answers, and how it treats a full event queue."""
 
     host: str = field(default_factory=lambda: env("GATEWAY_HOST"))
     port: int = field(default_factory=lambda: env_int("GATEWAY_PORT"))
@@ -66,12 +86,19 @@ class GatewaySettings:
     queue_max: int = field(default_factory=lambda: env_int("GATEWAY_QUEUE_MAX"))
     on_full: OnFull = field(default_factory=lambda: cast(OnFull, env("GATEWAY_ON_FULL")))
     max_body: int = field(default_factory=lambda: env_int("GATEWAY_MAX_BODY"))
+    acks: Acks = field(default_factory=lambda: cast(Acks, env("GATEWAY_ACKS")))
+    ack_timeout: float = field(default_factory=lambda: env_float("GATEWAY_ACK_TIMEOUT"))
 
     def __post_init__(self) -> None:
         if self.on_full not in get_args(OnFull):
             raise ConfigError(
                 f"ROLLSTREAM_GATEWAY_ON_FULL={self.on_full!r}: use one of {', '.join(get_args(OnFull))}"
             )
+        if self.acks not in get_args(Acks):
+            raise ConfigError(f"ROLLSTREAM_GATEWAY_ACKS={self.acks!r}: use one of {', '.join(get_args(Acks))}")
+        if not self.ack_timeout > 0:
+            raise ConfigError(f"ROLLSTREAM_GATEWAY_ACK_TIMEOUT must be a positive number of seconds, "
+                              f"got {self.ack_timeout}")
         for name in ("queue_max", "backend_timeout", "backend_connections", "max_body"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ROLLSTREAM_GATEWAY_{name.upper()} must be at least 1")
@@ -135,7 +162,8 @@ class Gateway:
             settings.backend_url, publisher, self.metrics, topics.calls,
             backend_api_key=settings.backend_api_key, timeout=float(settings.backend_timeout),
             connections=settings.backend_connections, on_full=settings.on_full, policy=settings.policy,
-            policy_version=settings.policy_version, max_body=settings.max_body,
+            policy_version=settings.policy_version, max_body=settings.max_body, acks=settings.acks,
+            ack_timeout=settings.ack_timeout,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -192,7 +220,11 @@ class Gateway:
         if path.startswith("/v1/rollouts"):
             await self._rollouts(scope, receive, send, method, path)
             return
-        path, who = parse_attribution(path, scope)
+        try:
+            path, who = parse_attribution(path, scope)
+        except HttpError:
+            self._authorize(scope, "models")  # only callers with a key learn what is wrong with the attribution
+            raise
         if path.startswith("/v1/"):
             route = path[4:].rstrip("/")
             if route in MODEL_ROUTES:
@@ -218,8 +250,9 @@ class Gateway:
         policy = self.settings.policy or "default"
         if len(parts) == 3:
             record = api.start_rollout(body, SOURCE, policy)
-            self._publish(self.topics.rollouts, record, "rollouts")
+            delivery = self._publish(self.topics.rollouts, record, "rollouts")
             self.proxy.tracker.started(record["rollout_id"], record["attempt"])
+            await self._acknowledged(delivery, record, "rollouts", {"rollout_id": record["rollout_id"]})
             rid = record["rollout_id"]
             await respond_json(send, 201, {
                 "rollout_id": rid, "attempt": record["attempt"], "event_id": record["event_id"],
@@ -230,24 +263,47 @@ class Gateway:
         if parts[4] == "finish":
             attempt = self.proxy.tracker.attempt(rollout_id)
             record = api.finish_rollout(rollout_id, body, SOURCE, policy, attempt)
-            self._publish(self.topics.rollouts, record, "rollouts.finish")
+            await self._acknowledged(self._publish(self.topics.rollouts, record, "rollouts.finish"), record,
+                                     "rollouts.finish")
             await respond_json(send, 200, {"rollout_id": rollout_id, "status": record["status"],
                                            "event_id": record["event_id"]})
             return
         record = api.reward(rollout_id, body, SOURCE)
-        self._publish(self.topics.rewards, record, "rewards")
+        await self._acknowledged(self._publish(self.topics.rewards, record, "rewards"), record, "rewards")
         await respond_json(send, 200, {"rollout_id": rollout_id, "event_id": record["event_id"]})
 
-    def _publish(self, topic: str, record: dict[str, Any], endpoint: str) -> None:
+    def _publish(self, topic: str, record: dict[str, Any], endpoint: str) -> Delivery:
         # Rollout and reward events are never dropped silently, whatever --on-full says.
         try:
-            published = self.publisher.publish(topic, record["rollout_id"], [record])
+            delivery = self.publisher.publish(topic, record["rollout_id"], [record])
         except SerializationError as exc:  # e.g. text with unpaired surrogates (\ud800), which JSON allows
             raise HttpError(422, f"the event cannot be recorded: {exc}", code="invalid_field") from exc
-        if not published:
+        if delivery is None:
             self.metrics.rejected.labels(endpoint).inc()
             raise HttpError(503, "the gateway's event queue is full (Kafka is unavailable or slow); retry later",
                             code="event_queue_full")
+        return delivery
+
+    async def _acknowledged(self, delivery: Delivery, record: dict[str, Any], endpoint: str,
+                            retry_with: dict[str, str] | None = None) -> None:
+        """With acks=kafka, return once Kafka acknowledged ``record``; 503 when it did not in time or refused it."""
+        if self.settings.acks != "kafka":
+            return
+        outcome = await delivery.wait(self.settings.ack_timeout)
+        if outcome == "kafka":
+            return
+        self.metrics.unacknowledged.labels(endpoint, outcome).inc()
+        fields = {**(retry_with or {}), "event_id": record["event_id"]}
+        retry = (f"sending the same request again with {orjson.dumps(fields).decode()} in its body is safe: the "
+                 "stream processor drops a repeated (source, event_id)")
+        extra = {"rollout_id": record["rollout_id"], "event_id": record["event_id"]}
+        if outcome == "pending":
+            raise HttpError(
+                503, f"the event is queued but Kafka has not acknowledged it within {self.settings.ack_timeout:g} s "
+                     f"(is the broker unavailable?); it may still be recorded later, and {retry}",
+                code="event_not_acknowledged", extra=extra)
+        raise HttpError(503, f"Kafka refused the event ({delivery.error}); it is not recorded, and {retry}",
+                        code="event_not_recorded", extra=extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-max", type=int, help="events held in memory while Kafka is unavailable")
     p.add_argument("--on-full", choices=get_args(OnFull), help="full event queue: 503 (reject) or serve and count")
     p.add_argument("--backend-timeout", type=int, help="seconds to wait for the backend (504 past it)")
+    p.add_argument("--acks", choices=get_args(Acks),
+                   help="answer once Kafka acknowledged the request's events (kafka) or once they are queued")
+    p.add_argument("--ack-timeout", type=float,
+                   help="seconds to wait for Kafka's acknowledgement (ROLLSTREAM_GATEWAY_ACK_TIMEOUT)")
     p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers (ROLLSTREAM_KAFKA_BOOTSTRAP)")
     p.add_argument("--schema-registry-url", help="schema registry URL (ROLLSTREAM_SCHEMA_REGISTRY_URL)")
     p.add_argument("--topic-prefix", help="topic prefix (ROLLSTREAM_TOPIC_PREFIX)")
@@ -282,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         settings = GatewaySettings(**_overrides(args, [
-            "host", "port", "backend_url", "policy", "policy_version", "queue_max", "on_full", "backend_timeout"]))
+            "host", "port", "backend_url", "policy", "policy_version", "queue_max", "on_full", "backend_timeout",
+            "acks", "ack_timeout"]))
         conn = dataclasses.replace(ConnectionSettings(), **_overrides(
             args, ["kafka_bootstrap", "schema_registry_url", "topic_prefix"]))
         guard_unauthenticated(KeyRing.from_text(settings.api_keys), settings.host, "gateway",
@@ -292,10 +353,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     metrics = GatewayMetrics()
-    publisher = KafkaPublisher(codec, conn, settings.queue_max, metrics)
+    publisher = KafkaPublisher(codec, conn, settings.queue_max, metrics, linger_ms=LINGER_MS[settings.acks])
     app = Gateway(settings, publisher, codec.topics, metrics)
-    log.info("gateway on http://%s:%d -> %s; events to %s* (queue %d, on full: %s)", settings.host,
-             settings.port, settings.backend_url, codec.topics.prefix, settings.queue_max, settings.on_full)
+    log.info("gateway on http://%s:%d -> %s; events to %s* (queue %d, on full: %s, answers once %s)", settings.host,
+             settings.port, settings.backend_url, codec.topics.prefix, settings.queue_max, settings.on_full,
+             "Kafka acknowledged" if settings.acks == "kafka" else "queued")
     config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
                             lifespan="on", access_log=False, log_level="warning", timeout_keep_alive=75)
     try:

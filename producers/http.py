@@ -34,20 +34,24 @@ ERROR_TYPES = {
 class HttpError(GatewayError):
     """A request the gateway answers with an error status and an OpenAI-style JSON body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.extra = extra
 
     def body(self) -> bytes:
-        return error_body(self.status, self.message, self.param, self.code)
+        return error_body(self.status, self.message, self.param, self.code, self.extra)
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> bytes:
-    """``{"error": {...}}`` in the shape OpenAI clients parse."""
-    error = {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": code}}
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None,
+               extra: dict[str, Any] | None = None) -> bytes:
+    """``{"error": {...}}`` in the shape OpenAI clients parse; ``extra`` adds fields to the error object."""
+    error = {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": code,
+                       **(extra or {})}}
     try:
         return orjson.dumps(error)
     except TypeError:  # a message quoting client text that is not valid UTF-8: escape it instead

@@ -47,6 +47,12 @@ class GatewayMetrics:
             "rollstream_gateway_rejected", "Requests answered 503 because the event queue was full, by endpoint.",
             ["endpoint"], registry=r,
         )
+        self.unacknowledged = Counter(
+            "rollstream_gateway_unacknowledged",
+            "Requests answered without Kafka's acknowledgement of their events (ROLLSTREAM_GATEWAY_ACKS=kafka), "
+            "by endpoint and outcome (pending: not acknowledged within the ack timeout; failed: refused).",
+            ["endpoint", "outcome"], registry=r,
+        )
         self.backend_errors = Counter(
             "rollstream_gateway_backend_errors", "Backend failures (502/504), by kind.", ["kind"], registry=r
         )

@@ -3,6 +3,16 @@
 Whole responses are parsed, recorded and answered with what the client asked for; streams
 are relayed event by event as they arrive while the call is assembled from the chunks.
 Calls without a rollout are relayed untouched and only counted.
+
+Acknowledgements (``acks="kafka"``, the default): a whole answer is sent once Kafka
+acknowledged the call's LlmCall events; a stream is relayed as it comes except its
+``data: [DONE]`` (and the end of the body), held until the acknowledgement. The answer is
+the model's either way: past ``ack_timeout`` (or when Kafka refused an event) a whole answer
+carries ``X-Rollstream-Recorded: pending`` (or ``failed``) and a stream gets the SSE comment
+``: rollstream-recorded pending`` (or ``failed``) just before ``data: [DONE]``; SSE clients
+ignore comments. Each such answer counts in ``rollstream_gateway_unacknowledged_total``. A
+pending event stays queued and is delivered when Kafka can take it. With ``acks="queued"``
+nothing waits.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from rollstream.producers.capture import (
 )
 from rollstream.producers.http import JSON_HEADERS, HttpError, Receive, Scope, Send, error_body, read_body, respond
 from rollstream.producers.metrics import GatewayMetrics
-from rollstream.producers.publisher import Publisher
+from rollstream.producers.publisher import Acks, Delivery, Publisher, Recorded
 
 from rollstream.errors import SerializationError
 
@@ -33,6 +43,8 @@ log = logging.getLogger(__name__)
 
 OnFull = Literal["reject", "serve-and-count"]
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+RECORDED_HEADER = b"x-rollstream-recorded"
+SSE_DONE = b"data: [DONE]"
 TRACKED_ROLLOUTS = 100_000
 # Queue room reserved per call is its n, up to this; a larger n is the backend's to refuse (4xx),
 # not a reason to answer 503 as if Kafka were away.
@@ -110,6 +122,8 @@ class ModelProxy:
         policy: str = "",
         policy_version: int = 0,
         max_body: int = 32 * 1024 * 1024,
+        acks: Acks = "kafka",
+        ack_timeout: float = 10.0,
     ) -> None:
         self.backend_url = backend_url.rstrip("/")
         self.publisher = publisher
@@ -121,6 +135,8 @@ class ModelProxy:
         self.policy = policy
         self.policy_version = policy_version  # the last version the backend reported
         self.max_body = max_body
+        self.acks = acks
+        self.ack_timeout = ack_timeout
         self.tracker = RolloutTracker()
         self.headers = {"Content-Type": "application/json"}
         if backend_api_key:
@@ -264,16 +280,28 @@ class ModelProxy:
                 log.warning("backend stream broke: %s", exc)
             await send({"type": "http.response.body", "body": b""})
 
-    def _publish(self, events: list[dict[str, Any]], key: str) -> bool:
+    def _publish(self, events: list[dict[str, Any]], key: str) -> Delivery | None:
+        """The events' Delivery; None when the queue is full."""
         try:
-            if self.publisher.publish(self.calls_topic, key, events):
-                return True
-            self.metrics.events_dropped.labels("queue_full").inc(len(events))
-        except SerializationError:
+            delivery = self.publisher.publish(self.calls_topic, key, events)
+        except SerializationError as exc:
             log.exception("could not encode the LlmCall events of rollout %s; not recorded", key)
             self.metrics.events_dropped.labels("encode_error").inc(len(events))
-            return True  # a bug of ours, not the client's: serve the answer
-        return False
+            return Delivery.settled(f"cannot encode: {exc}")  # a bug of ours, not the client's: serve the answer
+        if delivery is None:
+            self.metrics.events_dropped.labels("queue_full").inc(len(events))
+        return delivery
+
+    async def _acknowledged(self, delivery: Delivery | None, endpoint: Endpoint) -> Recorded | None:
+        """With acks=kafka, wait for the acknowledgement: None when it came (or nothing was to be waited for),
+        else what ``X-Rollstream-Recorded`` says: pending (not within ack_timeout) or failed (refused)."""
+        if self.acks != "kafka" or delivery is None:
+            return None
+        outcome = await delivery.wait(self.ack_timeout)
+        if outcome == "kafka":
+            return None
+        self.metrics.unacknowledged.labels(endpoint.lower(), outcome).inc()
+        return outcome
 
     async def _whole(
         self, raw: bytes, send: Send, call: CallAssembler, wants: ClientWants, version: int | None
@@ -287,14 +315,17 @@ class ModelProxy:
         call.add_response(data)
         if call.policy_version is not None:
             self.policy_version = call.policy_version
-        if not self._publish(call.events(version), call.ctx.rollout_id) and self.on_full == "reject":
+        delivery = self._publish(call.events(version), call.ctx.rollout_id)
+        if delivery is None and self.on_full == "reject":
             self.metrics.rejected.labels(call.ctx.endpoint.lower()).inc()
             raise HttpError(503, "the call succeeded but could not be recorded (event queue full); retry later",
                             code="event_queue_full")
         if wants.strips:
             strip_response(data, wants)
             raw = orjson.dumps(data)
-        await respond(send, 200, raw, JSON_HEADERS)
+        recorded = await self._acknowledged(delivery, call.ctx.endpoint)
+        await respond(send, 200, raw, JSON_HEADERS if recorded is None else
+                      [*JSON_HEADERS, (RECORDED_HEADER, recorded.encode())])
 
     def _sse_event(self, event: bytes, call: CallAssembler, wants: ClientWants) -> bytes | None:
         """One SSE event (without its blank line) as the client should see it; None to drop it."""
@@ -319,15 +350,16 @@ class ModelProxy:
     ) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         pending = b""
-        complete = False
+        complete = done = False
         try:
             async for data in resp.content.iter_any():
                 pending += data.replace(b"\r\n", b"\n") if b"\r" in data else data
                 out = []
                 while (cut := pending.find(b"\n\n")) >= 0:
                     event, pending = pending[:cut], pending[cut + 2:]
-                    if event == b"data: [DONE]":
-                        complete = True
+                    if event == SSE_DONE or (event.startswith(b"data:") and event[5:].strip() == b"[DONE]"):
+                        complete = done = True  # held back until the events are recorded
+                        continue
                     relayed = self._sse_event(event, call, wants)
                     if relayed is not None:
                         out.append(relayed + b"\n\n")
@@ -343,13 +375,17 @@ class ModelProxy:
             log.info("client left the stream of rollout %s: %s", call.ctx.rollout_id, exc)
             self.metrics.events_dropped.labels("client_disconnected").inc(max(len(call.choices), 1))
             return
-        await send({"type": "http.response.body", "body": b""})
         if call.policy_version is not None:
             self.policy_version = call.policy_version
         events = call.events(version) if complete else []
         if len(events) < len(call.choices):
             self.metrics.events_dropped.labels("incomplete").inc(len(call.choices) - len(events))
-        self._publish(events, call.ctx.rollout_id)
+        recorded = await self._acknowledged(self._publish(events, call.ctx.rollout_id) if events else None,
+                                            call.ctx.endpoint)
+        tail = b"" if recorded is None else b": rollstream-recorded " + recorded.encode() + b"\n\n"
+        if done:
+            tail += SSE_DONE + b"\n\n"
+        await send({"type": "http.response.body", "body": tail})
 
 
 class _Passthrough(Exception):  # noqa: N818 - control flow, not an error of ours

@@ -127,6 +127,15 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "GATEWAY_QUEUE_MAX": ("100000", "Events the gateway holds in memory while Kafka is slow or down."),
     "GATEWAY_ON_FULL": ("reject", "When the event queue is full: reject (503) or serve-and-count (drop the event)."),
     "GATEWAY_MAX_BODY": ("33554432", "Largest request body the gateway accepts, in bytes (413 past it)."),
+    "GATEWAY_ACKS": (
+        "kafka",
+        "When the gateway answers: kafka (once Kafka acknowledged the request's events) or queued (lower latency).",
+    ),
+    "GATEWAY_ACK_TIMEOUT": (
+        "10",
+        "Seconds the gateway waits for Kafka's acknowledgement (acks=kafka): 503 past it, or a model call's answer "
+        "with X-Rollstream-Recorded: pending.",
+    ),
 }
 
 

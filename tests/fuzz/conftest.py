@@ -15,6 +15,7 @@ from typing import Any
 from confluent_kafka.schema_registry import Schema
 from confluent_kafka.schema_registry._sync.mock_schema_registry_client import MockSchemaRegistryClient
 from hypothesis import HealthCheck, settings
+from rollstream.producers.publisher import Delivery
 from rollstream.schemas import schema_text
 from rollstream.schemas.codec import EventCodec, subject
 from rollstream.schemas.topics import Topics
@@ -48,16 +49,16 @@ class EncodingPublisher:
     def has_room(self, n: int = 1) -> bool:
         return len(self.sent) + n <= self.room
 
-    def publish(self, topic: str, key: str, records: list[dict[str, Any]]) -> bool:
+    def publish(self, topic: str, key: str, records: list[dict[str, Any]]) -> Delivery | None:
         if not records:
-            return True
+            return Delivery.settled()
         if not self.has_room(len(records)):
-            return False
+            return None
         for r in records:  # all encoded before any is enqueued, as in KafkaPublisher.publish
             self.codec.encode(topic, r)
         self.codec.encode_key(topic, key)
         self.sent += [(topic, key, r) for r in records]
-        return True
+        return Delivery.settled()
 
     def depth(self) -> int:
         return len(self.sent)

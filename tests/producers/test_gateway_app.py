@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+import orjson
 import pytest
+from aiohttp import web
 from rollstream.producers.gateway import Gateway, GatewaySettings, is_loopback, main, parse_attribution
 from rollstream.producers.http import HttpError
+from rollstream.producers.publisher import Delivery
 from rollstream.schemas.codec import encode_body
 from rollstream.schemas.topics import Topics
 
@@ -20,18 +25,29 @@ DEAD_BACKEND = "http://127.0.0.1:9/v1"  # discard port: nothing listens
 
 
 class RecordingPublisher:
-    def __init__(self, room: int = 1000) -> None:
+    """Keeps what is published; ``acks`` says what Kafka does with it: acknowledges it at once (kafka),
+    0.1 s later from another thread (later), never (pending) or refuses it (failed)."""
+
+    def __init__(self, room: int = 1000, acks: str = "kafka") -> None:
         self.room = room
+        self.acks = acks
         self.sent: list[tuple[str, str, dict[str, Any]]] = []
 
     def has_room(self, n: int = 1) -> bool:
         return len(self.sent) + n <= self.room
 
-    def publish(self, topic: str, key: str, records: list[dict[str, Any]]) -> bool:
+    def publish(self, topic: str, key: str, records: list[dict[str, Any]]) -> Delivery | None:
         if not self.has_room(len(records)):
-            return False
+            return None
         self.sent += [(topic, key, r) for r in records]
-        return True
+        if self.acks == "kafka":
+            return Delivery.settled()
+        if self.acks == "failed":
+            return Delivery.settled("Broker: Message size too large")
+        delivery = Delivery(len(records))
+        if self.acks == "later":
+            threading.Timer(0.1, delivery.settle, [len(records)]).start()
+        return delivery
 
     def depth(self) -> int:
         return len(self.sent)
@@ -40,16 +56,54 @@ class RecordingPublisher:
         return 0
 
 
-def run(test: Callable[[httpx.AsyncClient, Gateway], Awaitable[None]], room: int = 1000, **settings: Any) -> Gateway:
-    app = Gateway(GatewaySettings(backend_url=DEAD_BACKEND, **settings), RecordingPublisher(room), TOPICS)
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+ANSWER = {"id": "c-1", "object": "chat.completion", "created": 0, "model": "m", "prompt_token_ids": [1, 2],
+          "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop",
+                       "logprobs": None, "token_ids": [7]}]}
+CHUNKS = [{"id": "c-1", "object": "chat.completion.chunk", "created": 0, "model": "m", "prompt_token_ids": [1, 2],
+           "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop",
+                        "logprobs": None, "token_ids": [7]}]}]
+
+
+async def canned_backend() -> web.AppRunner:
+    """A backend answering every chat completion "Hello", whole or streamed (then ending with data: [DONE])."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        if not (await request.json()).get("stream"):
+            return web.json_response(ANSWER)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for chunk in CHUNKS:
+            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    backend = web.Application()
+    backend.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(backend, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner
+
+
+def run(test: Callable[[httpx.AsyncClient, Gateway], Awaitable[None]], room: int = 1000, kafka: str = "kafka",
+        backend: bool = False, **settings: Any) -> Gateway:
+    """Run ``test`` against the gateway app; ``kafka`` is RecordingPublisher's acks; ``backend``: canned_backend()."""
+    app: Gateway
 
     async def go() -> None:
+        nonlocal app
+        runner = await canned_backend() if backend else None
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1" if runner else DEAD_BACKEND
+        app = Gateway(GatewaySettings(backend_url=url, **settings), RecordingPublisher(room, kafka), TOPICS)
         await app.proxy.start()
         try:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
                 await test(client, app)
         finally:
             await app.proxy.stop()
+            if runner:
+                await runner.cleanup()
 
     asyncio.run(go())
     return app
@@ -174,6 +228,11 @@ def test_attribution_from_path_and_headers() -> None:
 def test_settings_and_loopback_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="ROLLSTREAM_GATEWAY_ON_FULL"):
         GatewaySettings(on_full="drop")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="ROLLSTREAM_GATEWAY_ACKS='maybe'"):
+        GatewaySettings(acks="maybe")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="ACK_TIMEOUT"):
+        GatewaySettings(ack_timeout=0)
+    assert (GatewaySettings().acks, GatewaySettings().ack_timeout) == ("kafka", 10.0)
     monkeypatch.setenv("ROLLSTREAM_GATEWAY_QUEUE_MAX", "0")
     with pytest.raises(ConfigError, match="QUEUE_MAX"):
         GatewaySettings()
@@ -182,3 +241,104 @@ def test_settings_and_loopback_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1")
     monkeypatch.setenv("ROLLSTREAM_GATEWAY_API_KEYS", "")
     assert main(["--host", "0.0.0.0", "--port", "1"]) == 2  # refuses before touching Kafka
+
+
+def test_answers_wait_for_kafkas_acknowledgement() -> None:
+    async def test(client: httpx.AsyncClient, app: Gateway) -> None:
+        for path, body in (("/v1/rollouts", {"rollout_id": "r-1"}), ("/v1/rollouts/r-1/rewards", {"value": 1}),
+                           ("/v1/rollouts/r-1/finish", {"status": "SUCCEEDED"}), ("/rollouts/r-1/v1/chat/completions",
+                                                                                  {**CHAT, "stream": True}),
+                           ("/rollouts/r-1/v1/chat/completions", CHAT)):
+            started = time.perf_counter()
+            r = await client.post(path, json=body)
+            assert r.status_code in (200, 201), r.text
+            assert time.perf_counter() - started >= 0.09, path  # the acknowledgement came 0.1 s after the publish
+            assert "x-rollstream-recorded" not in r.headers and "rollstream-recorded" not in r.text
+        assert r.json()["choices"][0]["message"]["content"] == "Hello"
+
+    assert len(sent(run(test, kafka="later", backend=True))) == 5
+
+
+def test_rollout_api_answers_503_naming_the_event_id_when_kafka_does_not_acknowledge() -> None:
+    async def test(client: httpx.AsyncClient, app: Gateway) -> None:
+        started = time.perf_counter()
+        r = await client.post("/v1/rollouts/r-1/rewards", json={"value": 1, "event_id": "reward-r-1"})
+        assert 0.2 <= time.perf_counter() - started < 2
+        error = r.json()["error"]
+        assert r.status_code == 503 and error["code"] == "event_not_acknowledged", r.text
+        assert "queued but Kafka has not acknowledged it within 0.2 s" in error["message"]
+        assert '{"event_id":"reward-r-1"}' in error["message"] and "safe" in error["message"]
+        assert (error["event_id"], error["rollout_id"]) == ("reward-r-1", "r-1")
+        r = await client.post("/v1/rollouts", json={})  # a generated rollout id: the retry must name it
+        error = r.json()["error"]
+        assert r.status_code == 503 and f'"rollout_id":"{error["rollout_id"]}"' in error["message"]
+        assert f'"event_id":"{error["event_id"]}"' in error["message"]
+        assert (await client.post("/v1/rollouts/r-1/finish", json={"status": "FAILED"})).status_code == 503
+        metrics = (await client.get("/metrics")).text
+        assert 'rollstream_gateway_unacknowledged_total{endpoint="rewards",outcome="pending"} 1.0' in metrics
+        assert 'rollstream_gateway_requests_total{endpoint="rewards",status="503"} 1.0' in metrics
+
+    app = run(test, kafka="pending", ack_timeout=0.2)
+    assert sent(app)[0][2]["event_id"] == "reward-r-1"  # the client's event id is the event's
+
+
+def test_refused_events_are_503_and_queued_mode_does_not_wait() -> None:
+    async def refused(client: httpx.AsyncClient, app: Gateway) -> None:
+        r = await client.post("/v1/rollouts/r-1/rewards", json={"value": 1})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "event_not_recorded"
+        assert "Message size too large" in r.json()["error"]["message"]
+
+    run(refused, kafka="failed")
+
+    async def queued(client: httpx.AsyncClient, app: Gateway) -> None:
+        started = time.perf_counter()
+        assert (await client.post("/v1/rollouts/r-1/rewards", json={"value": 1})).status_code == 200
+        assert (await client.post("/v1/rollouts", json={})).status_code == 201
+        r = await client.post("/rollouts/r-1/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200 and "x-rollstream-recorded" not in r.headers
+        assert time.perf_counter() - started < 5  # far below the 30 s ack timeout
+
+    run(queued, kafka="pending", acks="queued", ack_timeout=30, backend=True)
+
+
+def test_model_calls_are_answered_but_marked_pending_without_an_acknowledgement() -> None:
+    async def test(client: httpx.AsyncClient, app: Gateway) -> None:
+        r = await client.post("/rollouts/r-1/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200 and r.headers["x-rollstream-recorded"] == "pending"
+        assert r.json()["choices"][0]["message"]["content"] == "Hello"
+        r = await client.post("/rollouts/r-1/v1/chat/completions", json={**CHAT, "stream": True})
+        assert r.status_code == 200 and r.text.endswith(": rollstream-recorded pending\n\ndata: [DONE]\n\n")
+        assert '"Hello"' in r.text and r.text.count("[DONE]") == 1
+        metrics = (await client.get("/metrics")).text
+        assert ('rollstream_gateway_unacknowledged_total{endpoint="chat_completions",outcome="pending"} 2.0'
+                in metrics)
+
+    assert len(sent(run(test, kafka="pending", ack_timeout=0.2, backend=True))) == 2
+
+
+def test_client_event_ids_are_checked() -> None:
+    async def test(client: httpx.AsyncClient, app: Gateway) -> None:
+        for body in ({"value": 1, "event_id": ""}, {"value": 1, "event_id": 5}, {"value": 1, "event_id": "a/b"}):
+            r = await client.post("/v1/rollouts/r-1/rewards", json=body)
+            assert r.status_code == 422 and r.json()["error"]["param"] == "event_id", body
+        r = await client.post("/v1/rollouts", json={"rollout_id": "r-2", "event_id": "start-r-2"})
+        assert r.status_code == 201 and r.json()["event_id"] == "start-r-2"
+        r = await client.post("/v1/rollouts/r-2/finish", json={"status": "SUCCEEDED", "event_id": "end-r-2"})
+        assert r.json()["event_id"] == "end-r-2"
+
+    assert [r["event_id"] for _, _, r in sent(run(test))] == ["start-r-2", "end-r-2"]
+
+
+def test_delivery_is_woken_from_another_thread_and_times_out() -> None:
+    async def go() -> None:
+        settled_later = Delivery(2)
+        threading.Timer(0.05, settled_later.settle).start()
+        threading.Timer(0.1, settled_later.settle, [1, "refused"]).start()
+        assert await settled_later.wait(5) == "failed" and settled_later.error == "refused"
+        never = Delivery(1)
+        assert await never.wait(0.05) == "pending"
+        never.settle()
+        assert await never.wait(0.05) == "kafka"
+        assert await Delivery.settled().wait(0) == "kafka"
+
+    asyncio.run(go())

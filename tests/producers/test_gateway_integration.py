@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 from openai import OpenAI
 from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
-from rollstream.schemas.topics import Topics
+from rollstream.schemas.topics import Topics, consumer_config
 
 from rollstream.events import read_events
 from rollstream.settings import ConnectionSettings, StackSettings
@@ -231,14 +233,14 @@ def test_kafka_outage_fills_the_queue_then_nothing_acknowledged_is_lost(
         conn = ConnectionSettings(kafka_bootstrap=kafka.url, schema_registry_url=settings.schema_registry_url)
         topics = Topics(prefix=f"outage{uuid.uuid4().hex[:8]}.")
         register_schemas(registry_client(conn), topics)
-        gw = gateway_factory(policy_server.base_url, topics, conn, args=["--queue-max", "4"])
+        gw = gateway_factory(policy_server.base_url, topics, conn, args=["--queue-max", "4", "--ack-timeout", "1"])
         request = {"model": policy_server.policy, "messages": CHAT, "max_tokens": 3}
         assert gw.post("/rollouts/r-0/v1/chat/completions", request)[0] == 200
         wait(lambda: gw.metric("rollstream_gateway_events_published_total") == 1, 30, "first event not delivered")
 
         kafka.process.stop()
         answers = [gw.post(f"/rollouts/r-{i}/v1/chat/completions", request)[0] for i in range(1, 8)]
-        assert answers == [200] * 4 + [503] * 3  # 4 events fit the queue; then admission control
+        assert answers == [200] * 4 + [503] * 3  # 4 events fit the queue (answered "pending"); then admission control
         status, body = gw.post("/rollouts/r-9/v1/chat/completions", {**request, "stream": True})
         assert status == 503 and body["error"]["code"] == "event_queue_full"
         assert gw.metric("rollstream_gateway_rejected_total") == 4
@@ -252,6 +254,95 @@ def test_kafka_outage_fills_the_queue_then_nothing_acknowledged_is_lost(
         assert gw.post("/rollouts/r-10/v1/chat/completions", request)[0] == 200
     finally:
         kafka.process.stop()
+
+
+def in_kafka(settings: ConnectionSettings, topics: Topics, topic: str) -> int:
+    """How many events ``topic`` holds for a read_committed consumer, asked of the broker now."""
+    consumer = Consumer(consumer_config(f"wm-{uuid.uuid4().hex}", settings))
+    try:
+        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                   for p in range(topics.partitions))
+    finally:
+        consumer.close()
+
+
+def raw_post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes, float]:
+    """Status, headers, body and seconds taken of one POST, whatever the status."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, dict(resp.headers), resp.read(), time.monotonic() - started
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read(), time.monotonic() - started
+
+
+def test_what_the_gateway_acknowledged_is_in_kafka_when_it_answers(
+    policy_server: Any, topics_factory: Callable[..., Topics], settings: ConnectionSettings,
+    gateway_factory: Callable[..., GatewayProcess],
+) -> None:
+    topics = topics_factory()
+    gw = gateway_factory(policy_server.base_url, topics)  # ROLLSTREAM_GATEWAY_ACKS=kafka, the default
+    chat = {"model": policy_server.policy, "messages": CHAT, "max_tokens": 3}
+    steps: list[tuple[str, dict[str, Any], str]] = [
+        ("/v1/rollouts", {"rollout_id": "r-ack", "event_id": "start-1"}, topics.rollouts),
+        ("/rollouts/r-ack/v1/chat/completions", chat, topics.calls),
+        ("/rollouts/r-ack/v1/chat/completions", {**chat, "stream": True}, topics.calls),
+        ("/v1/rollouts/r-ack/rewards", {"value": 1.0, "terminal": True, "event_id": "reward-1"}, topics.rewards),
+        ("/v1/rollouts/r-ack/finish", {"status": "SUCCEEDED"}, topics.rollouts),
+    ]
+    expected = dict.fromkeys((topics.rollouts, topics.calls, topics.rewards), 0)
+    for path, body, topic in steps:
+        status, headers, raw, _ = raw_post(gw.url + path, body)
+        assert status in (200, 201), raw
+        assert "x-rollstream-recorded" not in {k.lower() for k in headers} and b"rollstream-recorded" not in raw
+        expected[topic] += 1
+        # Answered means acknowledged: the event is in Kafka already, no waiting.
+        assert {t: in_kafka(settings, topics, t) for t in expected} == expected, path
+    gw.proc.kill()  # kill -9 right after the last answer loses nothing
+    gw.proc.wait()
+    assert [e["event_id"] for e in events(settings, topics, topics.rewards, 1)] == ["reward-1"]
+    lifecycle = events(settings, topics, topics.rollouts, 2)
+    assert [e["status"] for e in lifecycle] == ["STARTED", "SUCCEEDED"] and lifecycle[0]["event_id"] == "start-1"
+    assert [c["rollout_id"] for c in events(settings, topics, topics.calls, 2)] == ["r-ack", "r-ack"]
+
+
+def test_without_kafka_the_gateway_says_what_is_not_acknowledged(
+    policy_server: Any, topics_factory: Callable[..., Topics], settings: ConnectionSettings,
+    gateway_factory: Callable[..., GatewayProcess],
+) -> None:
+    topics = topics_factory()
+    nowhere = dataclasses.replace(settings, kafka_bootstrap=f"127.0.0.1:{free_port()}")  # nothing listens
+    acked = gateway_factory(policy_server.base_url, topics, nowhere, args=["--no-create-topics", "--ack-timeout", "1"])
+    queued = gateway_factory(policy_server.base_url, topics, nowhere, args=["--no-create-topics", "--acks", "queued"])
+    chat = {"model": policy_server.policy, "messages": CHAT, "max_tokens": 3}
+    try:
+        status, _, raw, took = raw_post(acked.url + "/v1/rollouts/r-1/rewards", {"value": 1.0, "event_id": "rw-1"})
+        error = json.loads(raw)["error"]
+        assert status == 503 and error["code"] == "event_not_acknowledged" and 1 <= took < 5
+        assert "queued but Kafka has not acknowledged it within 1 s (is the broker unavailable?)" in error["message"]
+        assert '{"event_id":"rw-1"}' in error["message"] and error["event_id"] == "rw-1"
+        status, _, raw, _ = raw_post(acked.url + "/v1/rollouts", {})
+        assert status == 503 and json.loads(raw)["error"]["rollout_id"] in json.loads(raw)["error"]["message"]
+
+        status, headers, raw, took = raw_post(acked.url + "/rollouts/r-1/v1/chat/completions", chat)
+        assert status == 200 and headers["x-rollstream-recorded"] == "pending" and 1 <= took < 5
+        assert json.loads(raw)["choices"][0]["message"]["content"] is not None  # the model's answer all the same
+        status, _, raw, _ = raw_post(acked.url + "/rollouts/r-1/v1/chat/completions", {**chat, "stream": True})
+        assert status == 200 and raw.endswith(b": rollstream-recorded pending\n\ndata: [DONE]\n\n")
+        assert acked.metric("rollstream_gateway_unacknowledged_total") == 4
+
+        # acks=queued: the old behaviour, answered at once while Kafka is away.
+        status, _, raw, took = raw_post(queued.url + "/v1/rollouts/r-2/rewards", {"value": 1.0})
+        assert status == 200 and took < 1, raw
+        status, _, _, _ = raw_post(queued.url + "/v1/rollouts", {})
+        assert status == 201
+        status, headers, raw, took = raw_post(queued.url + "/rollouts/r-2/v1/chat/completions", chat)
+        assert status == 200 and "x-rollstream-recorded" not in {k.lower() for k in headers}
+        assert queued.metric("rollstream_gateway_queue_depth") == 3
+    finally:
+        for gw in (acked, queued):  # nothing to flush to: no 30 s shutdown
+            gw.proc.kill()
 
 
 def wait(check: Callable[[], bool], timeout: float, message: str) -> None:

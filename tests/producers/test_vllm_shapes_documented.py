@@ -29,6 +29,7 @@ import httpx
 import orjson
 from aiohttp import web
 from rollstream.producers.gateway import Gateway, GatewaySettings
+from rollstream.producers.publisher import Delivery
 from rollstream.schemas.codec import encode_body
 from rollstream.schemas.topics import Topics
 
@@ -120,9 +121,9 @@ class Recorder:
     def has_room(self, n: int = 1) -> bool:
         return True
 
-    def publish(self, topic: str, key: str, records: list[dict[str, Any]]) -> bool:
+    def publish(self, topic: str, key: str, records: list[dict[str, Any]]) -> Delivery | None:
         self.sent += [(topic, key, r) for r in records]
-        return True
+        return Delivery.settled()
 
     def depth(self) -> int:
         return 0

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rollstream.producers.gateway import MODEL_ROUTES, Gateway, GatewaySettings
 from rollstream.producers.otlp import OtlpReceiver, OtlpSettings
+from rollstream.producers.publisher import Delivery
 from rollstream.schemas.topics import Topics
 
 TOPICS = Topics(prefix="unit.")
@@ -52,9 +53,9 @@ class Recorder:
     def has_room(self, n: int = 1) -> bool:
         return True
 
-    def publish(self, topic: str, key: str, records: list[dict[str, Any]]) -> bool:
+    def publish(self, topic: str, key: str, records: list[dict[str, Any]]) -> Delivery | None:
         self.sent += records
-        return True
+        return Delivery.settled()
 
     def submit_many(self, items: list[Any]) -> int:
         self.sent += items
