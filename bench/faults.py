@@ -62,7 +62,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from rich.console import Console
 from rich.table import Table
 from rollstream.demo import agent, model, tasks
-from rollstream.demo.main import _ensure_stack, trainer_args
+from rollstream.demo.main import _ensure_stack, add_loop_arguments, trainer_args
 from rollstream.demo.services import Loop
 from rollstream.schemas.codec import EventCodec, registry_client
 from rollstream.schemas.topics import Topics, consumer_config
@@ -84,20 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="2.5 minutes of agents, every fault once")
     p.add_argument("--minutes", type=float, default=6.0, help="minutes the agents work (faults happen meanwhile)")
     p.add_argument("--rounds", type=int, default=2, help="times each fault is injected")
+    add_loop_arguments(p)
     p.add_argument("--faults", default=",".join(FAULTS), help="which faults, in this order (comma-separated)")
-    p.add_argument("--agents", type=int, default=16, help="concurrent agent rollouts")
-    p.add_argument("--group-size", type=int, default=8, help="rollouts per task (one GRPO group)")
-    p.add_argument("--groups-per-step", type=int, default=4, help="GRPO groups in one trainer step")
-    p.add_argument("--ahead", type=int, default=3, help="trainer steps' worth of groups the agents may run ahead")
-    p.add_argument("--lr", type=float, default=2e-4, help="trainer learning rate")
-    p.add_argument("--checkpoint-every", type=int, default=4, help="trainer steps per checkpoint (policy version)")
-    p.add_argument("--delayed-share", type=float, default=0.25, help="share of rewards posted 1-4 s late")
     p.add_argument("--expire-after", type=float, default=60.0,
                    help="seconds after which the processor expires an unfinished rollout (PROCESS_EXPIRE_AFTER)")
     p.add_argument("--broker-down-s", type=float, default=5.0, help="seconds the broker stays stopped")
     p.add_argument("--recovery-timeout", type=float, default=120.0,
                    help="seconds a fault may take to recover before the next one is injected anyway")
-    p.add_argument("--model", default="tiny", help="tiny (built and warm-started here), smollm2, or a model folder")
     p.add_argument("--policy", default="calc-faults", help="policy name (also the MLflow registered model)")
     p.add_argument("--run-dir", default="", help="run folder (default: $ROLLSTREAM_HOME/faults/runs/<run>)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server and the trainer")

@@ -37,22 +37,27 @@ from rollstream.settings import ConnectionSettings, env
 log = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rollstream demo", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_loop_arguments(p: argparse.ArgumentParser) -> None:
+    """The knobs of the loop itself (model, agents, grouping, trainer), shared with the fault run."""
     p.add_argument("--model", default="tiny", help="tiny (built and warm-started here), smollm2, or a model folder")
-    p.add_argument("--minutes", type=float, default=20.0, help="stop after this many minutes of training")
-    p.add_argument("--steps", type=int, default=0, help="stop after this many trainer steps (0: no limit)")
-    p.add_argument("--target", type=float, default=0.9, help="stop once held-out accuracy reaches this (0: never)")
     p.add_argument("--agents", type=int, default=16, help="concurrent agent rollouts")
     p.add_argument("--group-size", type=int, default=8, help="rollouts per task (one GRPO group)")
     p.add_argument("--groups-per-step", type=int, default=4, help="GRPO groups in one trainer step")
     p.add_argument("--ahead", type=int, default=3, help="trainer steps' worth of groups the agents may run ahead")
     p.add_argument("--lr", type=float, default=2e-4, help="trainer learning rate (3e-4 is faster, but collapsed once)")
     p.add_argument("--checkpoint-every", type=int, default=4, help="trainer steps per policy version")
+    p.add_argument("--delayed-share", type=float, default=0.25, help="share of rewards posted 1-4 s late")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rollstream demo", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_loop_arguments(p)
+    p.add_argument("--minutes", type=float, default=20.0, help="stop after this many minutes of training")
+    p.add_argument("--steps", type=int, default=0, help="stop after this many trainer steps (0: no limit)")
+    p.add_argument("--target", type=float, default=0.9, help="stop once held-out accuracy reaches this (0: never)")
     p.add_argument("--eval-tasks", type=int, default=60, help="held-out questions per evaluation")
     p.add_argument("--eval-every", type=float, default=30.0, help="seconds between held-out evaluations")
-    p.add_argument("--delayed-share", type=float, default=0.25, help="share of rewards posted 1-4 s late")
     p.add_argument("--policy", default="calc-demo", help="policy name (also the MLflow registered model)")
     p.add_argument("--topic-prefix", default="", help="topic prefix (default: a fresh demo.<run>. per run)")
     p.add_argument("--run-dir", default="", help="run folder (default: $ROLLSTREAM_HOME/demo/runs/<run>)")

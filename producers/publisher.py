@@ -149,6 +149,9 @@ class KafkaPublisher:
                     # by ROLLSTREAM_KAFKA_CONFIG.
                     "acks": "all",
                     "enable.idempotence": True,
+                    # A partition whose leader was -1 while the broker restarted is looked up again at the
+                    # next periodic refresh (librdkafka's default: 5 minutes); events wait for it meanwhile.
+                    "topic.metadata.refresh.interval.ms": 10000,
                     "error_cb": self._on_error,
                 },
             )
