@@ -44,9 +44,16 @@ def add_loop_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=8, help="rollouts per task (one GRPO group)")
     p.add_argument("--groups-per-step", type=int, default=4, help="GRPO groups in one trainer step")
     p.add_argument("--ahead", type=int, default=3, help="trainer steps' worth of groups the agents may run ahead")
-    p.add_argument("--lr", type=float, default=2e-4, help="trainer learning rate (3e-4 is faster, but collapsed once)")
+    p.add_argument("--lr", type=float, default=0.0,
+                   help="trainer learning rate (0: 2e-4 for the tiny model, where 3e-4 collapsed once; 1e-5 for "
+                        "smollm2 or a model folder, where 2e-4 wrecked SmolLM2 at its first update)")
     p.add_argument("--checkpoint-every", type=int, default=4, help="trainer steps per policy version")
     p.add_argument("--delayed-share", type=float, default=0.25, help="share of rewards posted 1-4 s late")
+
+
+def learning_rate(args: argparse.Namespace) -> float:
+    """--lr, or the default for the model: a pretrained model needs a far smaller step than the tiny one."""
+    return float(args.lr) if args.lr else (2e-4 if args.model == "tiny" else 1e-5)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +79,7 @@ def trainer_args(args: argparse.Namespace, conn: ConnectionSettings, run_id: str
     batch = args.group_size * args.groups_per_step * 2  # two calls (transitions) per rollout
     return [
         "--objective", "grpo", "--group-size", str(args.group_size), "--batch-size", str(batch),
-        "--micro-batch-size", "32", "--lr", str(args.lr), "--checkpoint-every", str(args.checkpoint_every),
+        "--micro-batch-size", "32", "--lr", str(learning_rate(args)), "--checkpoint-every", str(args.checkpoint_every),
         "--max-policy-lag", "4", "--group-timeout-s", "20", "--batch-timeout-s", "5",
         "--checkpoint-uri", f"s3://{conn.s3_bucket}/demo/{run_id}", "--consumer-group", f"demo-trainer-{run_id}",
         "--experiment", "rollstream-demo",
