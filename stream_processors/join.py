@@ -206,7 +206,7 @@ class Watermarks:
     The topics of one partition are consumed at different paces (a backlog of calls may be
     fetched after the rewards that followed them). A complete rollout is *ready* when every
     input topic of its partition has been read past the rollout's latest event timestamp,
-    or has been read to its end (``caught_up``, from the consumer's high-water marks) and
+    or has been read to its end (``caught_up``: a high-water mark asked of the broker after ``at_ts``) and
     has been idle (nothing read from it) for ``grace`` seconds.
     """
 
@@ -226,7 +226,8 @@ class Watermarks:
         self.next_offset[(topic, partition)] = offset + 1
 
     def ready(
-        self, partition: int, at_ts: float, now: float, caught_up: Callable[[str, int], bool] = lambda t, p: True
+        self, partition: int, at_ts: float, now: float,
+        caught_up: Callable[[str, int, float], bool] = lambda t, p, ts: True,
     ) -> bool:
         for topic in self.topics:
             # Strictly later: records with the same (millisecond) timestamp may still be behind.
@@ -234,6 +235,6 @@ class Watermarks:
                 continue
             # A partition nothing was read from since start counts as idle from the first time it is asked about.
             last = self.wall.get((topic, partition), self.first_wall.setdefault(partition, now))
-            if now - last < self.grace or not caught_up(topic, partition):
+            if now - last < self.grace or not caught_up(topic, partition, at_ts):
                 return False
         return True

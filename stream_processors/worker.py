@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 TABLE = "rollouts"
 CHECK = b"check"
 LEDGER = b"\x00ledger\x1f"  # table keys of the input ledger (never a rollout id: those are non-empty text)
+HIGHWATER_MARGIN = 0.2  # seconds after a rollout's last event before a high-water mark may stand for it
 LEDGER_CHECK = b"\x00ledger-check"  # command (sent to one partition) to compare the ledger with committed offsets
 
 
@@ -72,6 +73,7 @@ class RangeReader:
     def __init__(self, conn: ConnectionSettings) -> None:
         self.conn = conn
         self._consumer: Any = None
+        self._marks: Any = None
 
     def read(self, topic: str, partition: int, start: int, end: int, timeout: float = 60.0) -> list[Record]:
         from confluent_kafka import Consumer, TopicPartition
@@ -98,6 +100,17 @@ class RangeReader:
                                          f"within {timeout:.0f} s (position {position})")
         finally:
             consumer.unassign()
+
+    def highwater(self, topic: str, partition: int) -> int:
+        """The partition's end (last stable offset, read_committed) as the broker says now.
+
+        Called on the event loop while ``read`` may run in a thread: it has a consumer of its own."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        if self._marks is None:
+            self._marks = Consumer(consumer_config("rollstream-process-marks", self.conn))
+        _, high = self._marks.get_watermark_offsets(TopicPartition(topic, partition), timeout=5, cached=False)
+        return int(high)
 
     def committed(self, group: str, topics: Sequence[str], partition: int) -> dict[str, int]:
         """The offsets ``group`` has committed for ``partition`` of each topic (those it has)."""
@@ -172,6 +185,7 @@ class Runtime:
         self.next_offset: dict[tuple[str, int], int | None] = {}
         self.ledger_written: dict[tuple[str, int], int] = {}
         self.reader = RangeReader(conn)
+        self.highwaters: dict[tuple[str, int], tuple[int, float]] = {}  # (topic, partition) -> (mark, asked at)
         brokers = [f"kafka://{h.strip()}" for h in conn.kafka_bootstrap.split(",") if h.strip()]
         self.app = app = faust.App(
             settings.app_id,
@@ -273,10 +287,8 @@ class Runtime:
                 store: Any = self.table.data
                 store._db_for_partition(partition).put(key, value)
                 store._key_index[key] = partition
-                changelog: Any = self.table.changelog_topic
-                fut = changelog.as_future_message(key=key, value=value, partition=partition, key_serializer="raw",
-                                                  value_serializer="raw", eager_partitioning=True)
-                await changelog.publish_message(fut)
+                # With the input partition's transactional id, like the outputs: it commits with those offsets.
+                await self._send(Output(changelog_topic(self.settings.app_id), key, value), partition, at=partition)
             except Exception as exc:  # a ledger behind the offsets only makes the next start re-read a range
                 log.warning("could not write the input ledger of %s[%d]: %s", topic, partition, exc)
                 continue
@@ -297,9 +309,10 @@ class Runtime:
         group = self.app.assignor.group_for_topic(self.topics.calls)
         return f"{self.app.conf.id}-{group}-{partition}"
 
-    async def _send(self, out: Output, partition: int) -> None:
+    async def _send(self, out: Output, partition: int, at: int | None = None) -> None:
+        """Produce ``out`` in the transaction of input ``partition`` (to partition ``at``, else by key)."""
         producer: Any = self.app.producer
-        await producer.send(out.topic, out.key, out.value, None, None, out.headers,
+        await producer.send(out.topic, out.key, out.value, at, None, out.headers,
                             transactional_id=self._tid(partition))
 
     async def _store(self, key: bytes, value: bytes | None, partition: int) -> None:
@@ -398,19 +411,33 @@ class Runtime:
             for key in [k for k, ts in waiting.items() if self.watermarks.ready(p, ts, now, self._caught_up)]:
                 await self._apply(key, p, self.processor.check(self.table.data.get(key), now, ready))
 
-    def _caught_up(self, topic: str, partition: int) -> bool:
-        """Whether this worker has processed everything the topic-partition holds (as last fetched)."""
-        from faust.types import TP
+    def _caught_up(self, topic: str, partition: int, at_ts: float) -> bool:
+        """Whether this worker has processed everything the topic-partition held when ``at_ts`` was passed.
 
-        consumer: Any = self.app.consumer
-        tp = TP(topic, partition)
-        highwater = consumer.highwater(tp)
-        if highwater is None or highwater < 0:
-            return False
-        nxt = self.watermarks.next_offset.get((topic, partition))
+        The high-water mark is asked of the broker once it is older than ``at_ts`` (plus a margin
+        for records still on their way): the consumer's own figure is from its last fetch, and
+        after a lull it predates records produced since, which then arrived after their
+        rollout had been closed without them.
+        """
+        key = (topic, partition)
+        if time.time() < at_ts + HIGHWATER_MARGIN:
+            return False  # too early for any mark to stand for it: ask again at the next record or tick
+        cached = self.highwaters.get(key)
+        if cached is None or cached[1] < at_ts + HIGHWATER_MARGIN:
+            try:
+                highwater = self.reader.highwater(topic, partition)
+            except Exception as exc:  # unknown: wait, rather than complete a rollout without its calls
+                log.warning("could not read the high-water mark of %s[%d]: %s", topic, partition, exc)
+                return False
+            cached = (highwater, time.time())
+            self.highwaters[key] = cached
+        nxt = self.watermarks.next_offset.get(key)
         if nxt is None:  # nothing read since start: where the committed offset put the consumer
-            nxt = consumer._read_offset.get(tp) or 0
-        return bool(nxt >= highwater)
+            from faust.types import TP
+
+            consumer: Any = self.app.consumer
+            nxt = consumer._read_offset.get(TP(topic, partition)) or 0
+        return bool(nxt >= cached[0])
 
     async def on_timer(self) -> None:
         try:

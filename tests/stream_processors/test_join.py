@@ -90,4 +90,4 @@ def test_watermarks_wait_for_lagging_topics_or_idleness() -> None:
     assert not wm2.ready(1, 5.0, now=2000.0)
     assert not wm2.ready(1, 5.0, now=2000.3)
     assert wm2.ready(1, 5.0, now=2000.6)
-    assert not wm2.ready(1, 5.0, now=2000.6, caught_up=lambda t, p: False)  # unless records are still unread
+    assert not wm2.ready(1, 5.0, now=2000.6, caught_up=lambda t, p, ts: False)  # unless records are still unread
