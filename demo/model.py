@@ -105,14 +105,6 @@ def encode_dialogue(tokenizer: PreTrainedTokenizerBase, dialogue: list[dict[str,
     Each prefix is rendered with the chat template exactly as the policy server renders a request,
     so the model is warm-started on the token sequences it will be served.
     """
-    try:
-        return _encode(tokenizer, dialogue, from_template=False)
-    except ValueError:  # a template that closes a turn with more than the eos token (SmolLM2: "<|im_end|>\n")
-        return _encode(tokenizer, dialogue, from_template=True)
-
-
-def _encode(tokenizer: PreTrainedTokenizerBase, dialogue: list[dict[str, Any]],
-            from_template: bool) -> tuple[list[int], list[int]]:
     ids: list[int] = []
     labels: list[int] = []
     for i, message in enumerate(dialogue):
@@ -121,11 +113,7 @@ def _encode(tokenizer: PreTrainedTokenizerBase, dialogue: list[dict[str, Any]],
         prompt = _ids(tokenizer, dialogue[:i])
         if prompt[:len(ids)] != ids:
             raise ValueError("chat template does not render a dialogue's turns as prefixes of each other")
-        if from_template:  # the reply as the template closes it
-            rendered: Any = tokenizer.apply_chat_template(dialogue[:i + 1], tokenize=True, return_dict=False)
-            target = [int(t) for t in rendered][len(prompt):]
-        else:
-            target = tokenizer.encode(str(message["content"]) + str(tokenizer.eos_token), add_special_tokens=False)
+        target = tokenizer.encode(str(message["content"]) + str(tokenizer.eos_token), add_special_tokens=False)
         labels += [-100] * (len(prompt) - len(ids)) + target
         ids = prompt + target
     return ids, labels
@@ -160,6 +148,15 @@ def warm_start(model: Any, tokenizer: PreTrainedTokenizerBase, spec: dict[str, A
     return loss_value
 
 
+def _save(model: Any, tokenizer: PreTrainedTokenizerBase, path: Path, meta: dict[str, Any]) -> None:
+    """Write the model, its tokenizer and the cache marker to ``path`` (through a temporary folder)."""
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / MARKER).write_text(json.dumps(meta, indent=1))
+    tmp.rename(path)
+
+
 def build_tiny(path: Path | None = None, spec: dict[str, Any] | None = None) -> Path:
     """The warm-started tiny demo model (built once, then read from the cache)."""
     spec = spec or TINY_SPEC
@@ -181,12 +178,8 @@ def build_tiny(path: Path | None = None, spec: dict[str, Any] | None = None) -> 
              spec["warm_steps"])
     loss = warm_start(model, tokenizer, spec)
     model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     meta = {"spec": spec, "loss": loss, "seconds": round(time.monotonic() - started, 1)}
-    (tmp / MARKER).write_text(json.dumps(meta, indent=1))
-    tmp.rename(path)
+    _save(model, tokenizer, path, meta)
     log.info("demo model ready in %s (%.0f s, final loss %.3f)", path, meta["seconds"], loss)
     return path
 
@@ -210,11 +203,7 @@ def build_smollm2(path: Path | None = None) -> Path:
     model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / MARKER).write_text(json.dumps({"gguf": str(gguf), "seconds": round(time.monotonic() - started, 1)}))
-    tmp.rename(path)
+    _save(model, tokenizer, path, {"gguf": str(gguf), "seconds": round(time.monotonic() - started, 1)})
     return path
 
 
@@ -238,12 +227,8 @@ def build_smollm2_warm(path: Path | None = None, spec: dict[str, Any] | None = N
     log.info("warm-starting SmolLM2-135M-Instruct on the tool protocol (%d steps of %d dialogues)",
              spec["warm_steps"], spec["warm_batch"])
     loss = warm_start(model, tokenizer, spec)
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     meta = {"spec": spec, "base": str(base), "loss": loss, "seconds": round(time.monotonic() - started, 1)}
-    (tmp / MARKER).write_text(json.dumps(meta, indent=1))
-    tmp.rename(path)
+    _save(model, tokenizer, path, meta)
     log.info("SmolLM2 demo model ready in %s (%.0f s, final loss %.3f)", path, meta["seconds"], loss)
     return path
 

@@ -186,10 +186,13 @@ class Loop:
                 time.sleep(0.3)
         raise DemoError(f"{name} did not answer {url} within {timeout:.0f} s; see {self.run_dir}/{name}.log")
 
-    def check(self) -> None:
-        """Raise DemoError when a child has died (the loop cannot go on without it)."""
+    def _check_server(self) -> None:
         if self.server and self.server.process and self.server.process.poll() is not None:
             raise DemoError(f"the policy server exited: {self.server.log_tail()}")
+
+    def check(self) -> None:
+        """Raise DemoError when a child has died (the loop cannot go on without it)."""
+        self._check_server()
         for child in self.children:
             if not child.alive() and child.name != "trainer":
                 raise DemoError(f"{child.name} exited with {child.process.returncode}: {child.tail()}")
@@ -198,8 +201,7 @@ class Loop:
         """Start again a gateway, processor or trainer that exited on its own (as a process manager would);
         returns (name, exit code, last log lines) of each restarted. The policy server, or a process that keeps
         dying, ends the run."""
-        if self.server and self.server.process and self.server.process.poll() is not None:
-            raise DemoError(f"the policy server exited: {self.server.log_tail()}")
+        self._check_server()
         restarted = []
         for child in list(self.children):
             if child.alive() or (child.name == "trainer" and child.process.returncode == 0):

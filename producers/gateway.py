@@ -58,7 +58,7 @@ from rollstream.producers.http import (
 )
 from rollstream.producers.metrics import GatewayMetrics
 from rollstream.producers.proxy import Attribution, ModelProxy, OnFull
-from rollstream.producers.publisher import LINGER_MS, Acks, Delivery, KafkaPublisher, Publisher
+from rollstream.producers.publisher import LINGER_MS, Acks, Delivery, KafkaPublisher, Publisher, acknowledgement
 from rollstream.schemas.topics import Topics
 
 from rollstream.errors import ConfigError, RollstreamError, SerializationError
@@ -287,12 +287,9 @@ class Gateway:
     async def _acknowledged(self, delivery: Delivery, record: dict[str, Any], endpoint: str,
                             retry_with: dict[str, str] | None = None) -> None:
         """With acks=kafka, return once Kafka acknowledged ``record``; 503 when it did not in time or refused it."""
-        if self.settings.acks != "kafka":
+        outcome = await acknowledgement(delivery, self.settings.acks, self.settings.ack_timeout, self.metrics, endpoint)
+        if outcome is None:
             return
-        outcome = await delivery.wait(self.settings.ack_timeout)
-        if outcome == "kafka":
-            return
-        self.metrics.unacknowledged.labels(endpoint, outcome).inc()
         fields = {**(retry_with or {}), "event_id": record["event_id"]}
         retry = (f"sending the same request again with {orjson.dumps(fields).decode()} in its body is safe: the "
                  "stream processor drops a repeated (source, event_id)")

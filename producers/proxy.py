@@ -35,7 +35,7 @@ from rollstream.producers.capture import (
 )
 from rollstream.producers.http import JSON_HEADERS, HttpError, Receive, Scope, Send, error_body, read_body, respond
 from rollstream.producers.metrics import GatewayMetrics
-from rollstream.producers.publisher import Acks, Delivery, Publisher, Recorded
+from rollstream.producers.publisher import Acks, Delivery, Publisher, Recorded, acknowledgement
 
 from rollstream.errors import SerializationError
 
@@ -293,15 +293,8 @@ class ModelProxy:
         return delivery
 
     async def _acknowledged(self, delivery: Delivery | None, endpoint: Endpoint) -> Recorded | None:
-        """With acks=kafka, wait for the acknowledgement: None when it came (or nothing was to be waited for),
-        else what ``X-Rollstream-Recorded`` says: pending (not within ack_timeout) or failed (refused)."""
-        if self.acks != "kafka" or delivery is None:
-            return None
-        outcome = await delivery.wait(self.ack_timeout)
-        if outcome == "kafka":
-            return None
-        self.metrics.unacknowledged.labels(endpoint.lower(), outcome).inc()
-        return outcome
+        """What ``X-Rollstream-Recorded`` says (pending or failed), or None once acknowledged."""
+        return await acknowledgement(delivery, self.acks, self.ack_timeout, self.metrics, endpoint.lower())
 
     async def _whole(
         self, raw: bytes, send: Send, call: CallAssembler, wants: ClientWants, version: int | None

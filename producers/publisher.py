@@ -71,10 +71,6 @@ class Delivery:
         return cls(0, error)
 
     @property
-    def done(self) -> bool:
-        return self._left <= 0
-
-    @property
     def error(self) -> str | None:
         """Why Kafka refused one of the records (the first reason); None while none was refused."""
         return self._error
@@ -108,6 +104,19 @@ class Delivery:
             if not done:
                 return "pending"
         return "kafka" if self._error is None else "failed"
+
+
+async def acknowledgement(delivery: Delivery | None, acks: Acks, timeout: float, metrics: GatewayMetrics,
+                          endpoint: str) -> Recorded | None:
+    """With ``acks="kafka"``, wait up to ``timeout`` s for ``delivery``: None once Kafka acknowledged it (or when
+    nothing is waited for), else ``pending`` or ``failed``, counted in ``rollstream_gateway_unacknowledged``."""
+    if acks != "kafka" or delivery is None:
+        return None
+    outcome = await delivery.wait(timeout)
+    if outcome == "kafka":
+        return None
+    metrics.unacknowledged.labels(endpoint, outcome).inc()
+    return outcome
 
 
 class Publisher(Protocol):

@@ -30,7 +30,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import faust
+from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from faust.types import TP
 from rollstream.schemas.codec import EventCodec, registry_client
 from rollstream.schemas.topics import Topics, check_copartitioned, client_config, consumer_config, create_topics
 from rollstream.stream_processors.auth import faust_credentials
@@ -76,8 +78,6 @@ class RangeReader:
         self._marks: Any = None
 
     def read(self, topic: str, partition: int, start: int, end: int, timeout: float = 60.0) -> list[Record]:
-        from confluent_kafka import Consumer, TopicPartition
-
         if self._consumer is None:
             self._consumer = Consumer(consumer_config("rollstream-process-gap-reader", self.conn))
         consumer = self._consumer
@@ -105,8 +105,6 @@ class RangeReader:
         """The partition's end (last stable offset, read_committed) as the broker says now.
 
         Called on the event loop while ``read`` may run in a thread: it has a consumer of its own."""
-        from confluent_kafka import Consumer, TopicPartition
-
         if self._marks is None:
             self._marks = Consumer(consumer_config("rollstream-process-marks", self.conn))
         _, high = self._marks.get_watermark_offsets(TopicPartition(topic, partition), timeout=5, cached=False)
@@ -114,8 +112,6 @@ class RangeReader:
 
     def committed(self, group: str, topics: Sequence[str], partition: int) -> dict[str, int]:
         """The offsets ``group`` has committed for ``partition`` of each topic (those it has)."""
-        from confluent_kafka import Consumer, TopicPartition
-
         consumer = Consumer(consumer_config(group, self.conn))
         try:
             got = consumer.committed([TopicPartition(t, partition) for t in topics], timeout=30)
@@ -273,8 +269,6 @@ class Runtime:
 
     async def _write_ledger(self) -> None:
         """Record, in the transaction about to commit the input offsets, how far this worker really got."""
-        from faust.types import TP
-
         actives = self.app.assignor.assigned_actives()
         for (topic, partition), nxt in list(self.next_offset.items()):
             if nxt is None or self.ledger_written.get((topic, partition)) == nxt:
@@ -433,8 +427,6 @@ class Runtime:
             self.highwaters[key] = cached
         nxt = self.watermarks.next_offset.get(key)
         if nxt is None:  # nothing read since start: where the committed offset put the consumer
-            from faust.types import TP
-
             consumer: Any = self.app.consumer
             nxt = consumer._read_offset.get(TP(topic, partition)) or 0
         return bool(nxt >= cached[0])
@@ -450,8 +442,6 @@ class Runtime:
         for topic in self.watermarks.topics:
             key = (topic, partition)
             consumer: Any = self.app.consumer
-            from faust.types import TP
-
             idle = now - self.watermarks.wall.get(key, now)
             parts.append(f"{topic}: ts={self.watermarks.ts.get(key)} idle={idle:.1f}s "
                          f"next={self.watermarks.next_offset.get(key)} hw={consumer.highwater(TP(topic, partition))}")
@@ -504,8 +494,6 @@ class Runtime:
         s = self.settings
         table: Any = self.table
         # Partitions that moved: their ledger is reloaded from the recovered table at their next record.
-        from faust.types import TP
-
         actives = self.app.assignor.assigned_actives()
         for tp in [tp for tp in self.next_offset if TP(*tp) not in actives]:
             self.next_offset.pop(tp, None)
