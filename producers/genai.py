@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,7 +158,7 @@ class SpanReader:
 
     def integer(self, key: str, minimum: int | None = None, bounds: tuple[int, int] = INT32) -> int | None:
         value = self.get(key)
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):  # not str.isdigit: "²" is a digit
             value = int(value)
         if value is None:
             return None

@@ -15,7 +15,7 @@ import orjson
 import pytest
 from conftest import EncodingEmitter, mock_codec
 from fuzz_strategies import FLOATS, INTS, JSON, TEXT, dumps, mutated
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from rollstream.producers.genai import decode_request, map_request
 from rollstream.producers.otlp import OtlpReceiver, OtlpSettings
@@ -145,6 +145,7 @@ def _map(body: bytes, content_type: str) -> None:
 
 @given(st.one_of(TARGETED.map(dumps), TARGETED.map(dumps), PAYLOAD.map(dumps), JSON.map(dumps), mutated(VALID_JSON),
                  st.binary(max_size=64)))
+@example(dumps(_with([{"key": "rollstream.attempt", "value": {"stringValue": "²"}}], [], "rollstream.reward")))
 def test_json_decoder_and_mapping(body: bytes) -> None:
     _map(body, "application/json")
 
