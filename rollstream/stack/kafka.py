@@ -39,7 +39,8 @@ LOG4J2 = """Configuration:
 
 
 def _cluster_id() -> str:
-    """A Kafka cluster id: a random UUID, URL-safe base64 without padding."""
+    """A Kafka cluster id: a random UUID, URL-safe base64 without padding (one in 64 starts with "-", so it is
+    passed as ``--cluster-id=ID``: after ``-t`` the tool's parser would take it for an option)."""
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
 
 
@@ -106,6 +107,16 @@ class Kafka(Service):
             ]
         )
 
+    def format_storage(self, java: str, classpath: str, props: Path, cluster_id: str) -> None:
+        """Format the (KRaft) data folder for ``cluster_id``."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        run_checked(
+            [java, "-cp", classpath, "kafka.tools.StorageTool", "format",
+             f"--cluster-id={cluster_id}", "-c", str(props), "--ignore-formatted"],
+            "formatting Kafka storage",
+            self.process.log_file,
+        )
+
     def start(self) -> None:
         java = require_tool("java")
         conf_dir = self.settings.state_dir / "conf"
@@ -115,13 +126,7 @@ class Kafka(Service):
         (conf_dir / "kafka-log4j2.yaml").write_text(LOG4J2)
         classpath = str(self._home / "libs" / "*")
         if not (self.data_dir / "meta.properties").exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            run_checked(
-                [java, "-cp", classpath, "kafka.tools.StorageTool", "format",
-                 "-t", _cluster_id(), "-c", str(props), "--ignore-formatted"],
-                "formatting Kafka storage",
-                self.process.log_file,
-            )
+            self.format_storage(java, classpath, props, _cluster_id())
         self.process.start(
             [
                 java, f"-Xmx{self.settings.kafka_heap}", "-Xms128m", "-XX:+UseG1GC",

