@@ -25,9 +25,18 @@ if [ ! -x .venv/bin/python ]; then
   say "creating .venv"
   "$PY" -m venv .venv
 fi
+if ! .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
+  # torch comes with its CUDA libraries (there is no CPU-only torch wheel on PyPI): the first
+  # install needs about 10 GiB (6.5 GiB installed, the wheels while they unpack).
+  free_kib=$(df -Pk . | awk 'NR == 2 {print $4}')
+  if [ "${free_kib:-0}" -lt $((10 * 1024 * 1024)) ]; then
+    say "WARNING: $((free_kib / 1024)) MiB free on $(df -P . | awk 'NR == 2 {print $6}'); installing torch needs about 10 GiB"
+  fi
+fi
 say "installing the Python package, the model stack and the test tools into .venv"
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,ml]"
+# --no-cache-dir: the wheels are not kept a second time (3 GiB); .venv is what a rerun reuses.
+.venv/bin/python -m pip install -q --no-cache-dir --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --no-cache-dir --disable-pip-version-check -e ".[dev,ml]"
 
 if ! command -v docker-compose >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
