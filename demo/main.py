@@ -83,6 +83,8 @@ def trainer_args(args: argparse.Namespace, conn: ConnectionSettings, run_id: str
         "--max-policy-lag", "4", "--group-timeout-s", "20", "--batch-timeout-s", "5",
         "--checkpoint-uri", f"s3://{conn.s3_bucket}/demo/{run_id}", "--consumer-group", f"demo-trainer-{run_id}",
         "--experiment", "rollstream-demo",
+        # Older checkpoints go once the server has moved on (SmolLM2's weigh 1.6 GB with the optimizer).
+        "--keep-checkpoints", "3",
     ]
 
 
@@ -130,6 +132,8 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         workers.start()
         _drive(args, console, loop, workers, curves, t0)
         workers.stop()
+        with console.status("stopping the trainer (a last checkpoint) and waiting for the server to load it…"):
+            loop.finish_training()
         acc1, v1 = agent.evaluate(loop.server.base_url, args.policy, held_out)
         curves.accuracy.append((time.monotonic() - t0, acc1, v1))
         stats = loop.server_stats()

@@ -22,9 +22,11 @@ from typing import Any
 from rollstream.schemas.codec import register_schemas, registry_client
 from rollstream.schemas.topics import Topics, create_topics
 from rollstream.serving.launch import ServerProcess, free_port, get_json
+from rollstream.trainer.checkpoint import CheckpointStore
 
 from rollstream.errors import RollstreamError
 from rollstream.settings import ConnectionSettings
+from rollstream.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +235,28 @@ class Loop:
         trainer = next((c for c in self.children if c.name == "trainer"), None)
         if trainer is not None:
             self.trainer.update(trainer.log_path)
+
+    def finish_training(self, timeout: float = 180.0) -> int:
+        """Stop the trainer, which checkpoints the steps it took since its last checkpoint, and wait
+        until the server serves the last version it published; returns that version.
+
+        Evaluating while the trainer still runs would race its next checkpoint: the version measured
+        and the version served at the end could differ.
+        """
+        trainer = self.child("trainer")
+        trainer.stop(timeout)
+        self.poll()
+        root = self.train_args[self.train_args.index("--checkpoint-uri") + 1]
+        meta = CheckpointStore(ObjectStore(self.conn), root).latest()
+        final = int(meta["policy_version"]) if meta else 0
+        deadline = time.monotonic() + timeout
+        while self.server_stats().get("policy_version", -1) < final:
+            self._check_server()
+            if time.monotonic() > deadline:
+                raise DemoError(f"the policy server did not load policy version {final} within {timeout:.0f} s; "
+                                f"see {self.run_dir}/serve.log")
+            time.sleep(0.5)
+        return final
 
     def server_stats(self) -> dict[str, int]:
         if self.server is None:

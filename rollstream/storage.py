@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
 from rollstream.errors import StorageError
@@ -88,6 +89,18 @@ class ObjectStore:
             return sorted(str(S3Uri(loc.bucket, o.object_name)) for o in objs if o.object_name)
         except (S3Error, OSError) as exc:
             raise self._fail(f"listing {loc}", exc) from exc
+
+    def delete(self, uris: list[str]) -> None:
+        """Delete these objects (s3:// URIs), in the order given, one bucket request per bucket run."""
+        for bucket in dict.fromkeys(S3Uri.parse(u).bucket for u in uris):
+            keys = [S3Uri.parse(u).key for u in uris if S3Uri.parse(u).bucket == bucket]
+            try:
+                errors = list(self.client.remove_objects(bucket, (DeleteObject(k) for k in keys)))
+            except (S3Error, OSError) as exc:
+                raise self._fail(f"deleting {len(keys)} objects in bucket '{bucket}'", exc) from exc
+            if errors:
+                raise StorageError(f"deleting in bucket '{bucket}' on {self.settings.s3_endpoint} failed: "
+                                   + "; ".join(f"{e.name}: {e.message}" for e in errors[:5]))
 
     def upload_dir(self, local: Path, uri: str | S3Uri) -> list[str]:
         """Upload every file under ``local`` below ``uri``; returns the URIs written."""

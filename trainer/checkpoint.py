@@ -38,6 +38,7 @@ META = "meta.json"
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 STEP_RE = re.compile(r"/step-(\d{6,})/meta\.json$")
+FOLDER_RE = re.compile(r"/step-(\d{6,})/")
 
 
 def step_dir(step: int) -> str:
@@ -81,6 +82,29 @@ class CheckpointStore:
         except StorageError as exc:
             raise TrainerError(f"cannot write checkpoint {uri}: {exc}") from exc
         return uri
+
+    def prune(self, keep: int, pinned: set[int]) -> list[int]:
+        """Delete all but the newest ``keep`` complete checkpoints, sparing the ``pinned`` steps.
+
+        A deleted checkpoint loses its meta.json first, so a deletion cut short leaves an incomplete
+        folder, which resume ignores and the next prune removes with the rest of the older folders.
+        Returns the steps deleted.
+        """
+        complete = self.steps()
+        if keep < 1 or len(complete) <= keep:
+            return []
+        oldest_kept = complete[-keep]
+        folders: dict[int, list[str]] = {}
+        for key in self.store.list_objects(S3Uri(self.root.bucket, self.root.key.rstrip("/") + "/")):
+            if (m := FOLDER_RE.search(key)) and int(m.group(1)) < oldest_kept and int(m.group(1)) not in pinned:
+                folders.setdefault(int(m.group(1)), []).append(key)
+        if not folders:
+            return []
+        keys = [k for step in sorted(folders) for k in folders[step]]
+        metas = [k for k in keys if k.endswith("/" + META)]
+        self.store.delete(metas)
+        self.store.delete([k for k in keys if not k.endswith("/" + META)])
+        return sorted(folders)
 
     def download(self, step: int, local: Path) -> Path:
         try:
@@ -144,9 +168,43 @@ class Tracker:
             raise TrainerError(f"cannot register {uri} as a version of model '{name}': {exc}") from exc
         return mv_version
 
+    def versions(self, root: str) -> dict[int, tuple[str, list[str]]]:
+        """The registered versions of checkpoints under ``root``: step -> (version, its aliases)."""
+        from mlflow.exceptions import MlflowException
+
+        prefix = root.rstrip("/") + "/"
+        try:
+            found = self.client.search_model_versions(f"name = '{self.config.policy}'")
+            # Search results leave the aliases out; the registered model has them all.
+            aliases = self.client.get_registered_model(self.config.policy).aliases or {}
+        except MlflowException as exc:
+            raise TrainerError(f"cannot list the versions of model '{self.config.policy}': {exc}") from exc
+        return {int(mv.tags["step"]): (str(mv.version), [a for a, v in aliases.items() if str(v) == str(mv.version)])
+                for mv in found if mv.tags.get("s3_uri", "").startswith(prefix) and "step" in mv.tags}
+
+    def delete_version(self, version: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_model_version(self.config.policy, version)
+        except MlflowException as exc:
+            raise TrainerError(f"cannot delete version {version} of model '{self.config.policy}': {exc}") from exc
+
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.flush_async_logging()
         self.mlflow.end_run(status=status)
+
+
+def prune(ckpts: CheckpointStore, tracker: Tracker | None, keep: int) -> list[int]:
+    """Keep the newest ``keep`` checkpoints and their registry versions; a version with an alias
+    (other than on the newest checkpoints) pins its checkpoint. Returns the steps deleted."""
+    versions = tracker.versions(str(ckpts.root)) if tracker else {}
+    pinned = {step for step, (_, aliases) in versions.items() if aliases}
+    deleted = ckpts.prune(keep, pinned)
+    for step in deleted:
+        if tracker and step in versions:
+            tracker.delete_version(versions[step][0])
+    return deleted
 
 
 def announce(producer: EventProducer, topics: Topics, config: TrainConfig, version: int, step: int, uri: str,

@@ -61,6 +61,8 @@ class TrainConfig:
     lora_targets: str = _f("all-linear", "LoRA target modules: all-linear, or comma-separated module names.")
     start_version: int = _f(0, "Policy version of --model (what serving runs before the first checkpoint).")
     checkpoint_every: int = _f(10, "Steps between checkpoints (each one is a new policy version).")
+    keep_checkpoints: int = _f(0, "Keep the newest N checkpoints on S3 and their registry versions; older ones "
+                               "are deleted after each checkpoint unless a registry alias pins them (0: keep all).")
     checkpoint_uri: str = _f("", "Where checkpoints go (default: s3://$ROLLSTREAM_S3_BUCKET/<policy>).")
     max_steps: int = _f(0, "Stop after this many steps in total (0: run until stopped).")
     idle_exit_s: float = _f(0.0, "Stop when no transition arrived for this many seconds (0: wait forever).")
@@ -111,6 +113,8 @@ class TrainConfig:
             raise ConfigError("--baseline-decay must be in [0, 1)")
         if self.lora_rank < 0:
             raise ConfigError("--lora-rank must be >= 0 (0: full fine-tuning)")
+        if self.keep_checkpoints < 0:
+            raise ConfigError("--keep-checkpoints must be 0 (keep all) or more")
         if self.checkpoint_every < 1:
             raise ConfigError("--checkpoint-every must be at least 1")
         if self.checkpoint_uri and not self.checkpoint_uri.startswith("s3://"):

@@ -46,14 +46,14 @@ import torch.distributed as dist
 from rollstream.schemas.codec import EventCodec, registry_client
 from rollstream.schemas.topics import Topics
 from rollstream.trainer.batches import Batch, TransitionReader
-from rollstream.trainer.checkpoint import OPTIMIZER, STATE, CheckpointStore, Tracker, announce, step_dir
+from rollstream.trainer.checkpoint import OPTIMIZER, STATE, CheckpointStore, Tracker, announce, prune, step_dir
 from rollstream.trainer.config import TrainConfig, parse_config
 from rollstream.trainer.loss import LossStats, advantages, pack, policy_loss, token_logprobs
 from rollstream.trainer.model import load_policy, load_reference, local_model_dir, save_weights
 from tqdm import tqdm
 
 from rollstream.devices import pick_device
-from rollstream.errors import RollstreamError
+from rollstream.errors import RollstreamError, StorageError, TrainerError
 from rollstream.events import EventProducer
 from rollstream.settings import ConnectionSettings
 from rollstream.storage import ObjectStore
@@ -69,6 +69,7 @@ class TrainResult:
     version: int
     counts: dict[str, int]
     checkpoints: list[str] = field(default_factory=list)
+    pruned: list[int] = field(default_factory=list)  # steps of checkpoints deleted (--keep-checkpoints)
     run_id: str | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, list[float]] = field(default_factory=dict)
@@ -188,6 +189,11 @@ def train(config: TrainConfig, connection: ConnectionSettings | None = None,
         publish(step, version, uri)
         shutil.rmtree(local, ignore_errors=True)
         result.checkpoints.append(uri)
+        if config.keep_checkpoints:
+            try:  # a failed clean-up costs disk, not training: the next checkpoint tries again
+                result.pruned += prune(ckpts, tracker, config.keep_checkpoints)
+            except (StorageError, TrainerError) as exc:
+                log.warning("could not delete old checkpoints: %s", exc)
         consumed = {}
         log.info("checkpoint %s: policy version %d, resume offsets %s", uri, version, resume)
         paused += time.perf_counter() - started

@@ -138,3 +138,35 @@ def test_stale_samples_are_dropped_exactly(
         r["transition_id"] for r in records if r["policy_version"] >= 8)
     dropped = {t: why for st in states for t, why in st["dropped"].items()}
     assert dropped == {r["transition_id"]: "stale" for r in records if r["policy_version"] < 8}
+
+
+def test_keep_checkpoints_deletes_older_ones_and_their_versions_but_not_pinned_ones(
+    settings: ConnectionSettings, topics: Topics, codec: EventCodec, store: ObjectStore,
+    make_config: Callable[..., TrainConfig], policy: str,
+) -> None:
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    records = [r for g in range(4) for r in group_of(policy, f"a{g}", 4, [0.0, 1.0])]
+    produce(settings, codec, topics, records)
+    config = make_config(checkpoint_every=1, publish=False, keep_checkpoints=2)
+    first = train(config, connection_for(settings, topics))
+    ckpts = CheckpointStore(store, config.checkpoint_uri)
+    assert first.steps == 2 and ckpts.steps() == [1, 2] and first.pruned == []
+    # A user pins step 1's version with an alias of their own.
+    by_step = {int(mv.tags["step"]): mv for mv in client.search_model_versions(f"name = '{policy}'")}
+    client.set_registered_model_alias(policy, "production", by_step[1].version)
+    # A deletion cut short earlier: an incomplete folder below the newest checkpoints.
+    store.put_bytes(ckpts.uri(0) + "optimizer.pt", b"left over")
+
+    produce(settings, codec, topics, [r for g in range(6) for r in group_of(policy, f"b{g}", 4, [1.0, 0.0])])
+    second = train(config, connection_for(settings, topics))
+    assert second.steps == 5
+    # Steps 3, 4, 5 were written; 2 and 3 went (3 once 5 came); 1 stays, pinned; the leftover went too.
+    assert ckpts.steps() == [1, 4, 5]
+    assert sorted(set(second.pruned)) == [0, 2, 3]
+    assert not store.list_objects(ckpts.uri(0)) and not store.list_objects(ckpts.uri(2))
+    versions = {int(mv.tags["step"]) for mv in client.search_model_versions(f"name = '{policy}'")}
+    assert versions == {1, 4, 5}
+    assert client.get_model_version_by_alias(policy, "current").tags["step"] == "5"
+    # The trainer still resumes from the newest checkpoint.
+    meta = ckpts.latest()
+    assert meta is not None and meta["step"] == 5 and meta["policy_version"] == 5
