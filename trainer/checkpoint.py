@@ -52,12 +52,17 @@ class CheckpointStore:
         self.store = store
         self.root = S3Uri.parse(root.rstrip("/"))
 
+    @property
+    def prefix(self) -> S3Uri:
+        """The folder holding every step folder."""
+        return S3Uri(self.root.bucket, self.root.key.rstrip("/") + "/")
+
     def uri(self, step: int) -> str:
         return str(self.root.child(step_dir(step))) + "/"
 
     def steps(self) -> list[int]:
         """Steps with a complete checkpoint (meta.json present), ascending."""
-        keys = self.store.list_objects(S3Uri(self.root.bucket, self.root.key.rstrip("/") + "/"))
+        keys = self.store.list_objects(self.prefix)
         return sorted(int(m.group(1)) for k in keys if (m := STEP_RE.search(k)))
 
     def latest(self) -> dict[str, Any] | None:
@@ -95,7 +100,7 @@ class CheckpointStore:
             return []
         oldest_kept = complete[-keep]
         folders: dict[int, list[str]] = {}
-        for key in self.store.list_objects(S3Uri(self.root.bucket, self.root.key.rstrip("/") + "/")):
+        for key in self.store.list_objects(self.prefix):
             if (m := FOLDER_RE.search(key)) and int(m.group(1)) < oldest_kept and int(m.group(1)) not in pinned:
                 folders.setdefault(int(m.group(1)), []).append(key)
         if not folders:
