@@ -91,9 +91,11 @@ class ObjectStore:
             raise self._fail(f"listing {loc}", exc) from exc
 
     def delete(self, uris: list[str]) -> None:
-        """Delete these objects (s3:// URIs), in the order given, one bucket request per bucket run."""
-        for bucket in dict.fromkeys(S3Uri.parse(u).bucket for u in uris):
-            keys = [S3Uri.parse(u).key for u in uris if S3Uri.parse(u).bucket == bucket]
+        """Delete these objects (s3:// URIs): one multi-object delete per bucket, in no set order."""
+        by_bucket: dict[str, list[str]] = {}
+        for loc in map(S3Uri.parse, uris):
+            by_bucket.setdefault(loc.bucket, []).append(loc.key)
+        for bucket, keys in by_bucket.items():
             try:
                 errors = list(self.client.remove_objects(bucket, (DeleteObject(k) for k in keys)))
             except (S3Error, OSError) as exc:

@@ -95,14 +95,14 @@ class CheckpointStore:
         folder, which resume ignores and the next prune removes with the rest of the older folders.
         Returns the steps deleted.
         """
-        complete = self.steps()
+        by_step: dict[int, list[str]] = {}
+        for key in self.store.list_objects(self.prefix):
+            if m := FOLDER_RE.search(key):
+                by_step.setdefault(int(m.group(1)), []).append(key)
+        complete = sorted(step for step, keys in by_step.items() if any(k.endswith("/" + META) for k in keys))
         if keep < 1 or len(complete) <= keep:
             return []
-        oldest_kept = complete[-keep]
-        folders: dict[int, list[str]] = {}
-        for key in self.store.list_objects(self.prefix):
-            if (m := FOLDER_RE.search(key)) and int(m.group(1)) < oldest_kept and int(m.group(1)) not in pinned:
-                folders.setdefault(int(m.group(1)), []).append(key)
+        folders = {step: keys for step, keys in by_step.items() if step < complete[-keep] and step not in pinned}
         if not folders:
             return []
         keys = [k for step in sorted(folders) for k in folders[step]]
@@ -201,8 +201,8 @@ class Tracker:
 
 
 def prune(ckpts: CheckpointStore, tracker: Tracker | None, keep: int) -> list[int]:
-    """Keep the newest ``keep`` checkpoints and their registry versions; a version with an alias
-    (other than on the newest checkpoints) pins its checkpoint. Returns the steps deleted."""
+    """Keep the newest ``keep`` checkpoints and their registry versions; an older version that
+    carries an alias pins its checkpoint. Returns the steps deleted."""
     versions = tracker.versions(str(ckpts.root)) if tracker else {}
     pinned = {step for step, (_, aliases) in versions.items() if aliases}
     deleted = ckpts.prune(keep, pinned)
