@@ -159,7 +159,7 @@ def profile_processor(codec: EventCodec, topics: Topics, events: list[tuple[str,
     """The processor's own CPU per event, measured in-process (no Kafka)."""
     from rollstream.stream_processors.config import ProcessorSettings
     from rollstream.stream_processors.metrics import Metrics
-    from rollstream.stream_processors.processor import KEEP, Processor
+    from rollstream.stream_processors.processor import KEEP, Processor, piece_key
 
     proc = Processor(ProcessorSettings(), topics, codec, Metrics())
     state: dict[bytes, bytes] = {}
@@ -167,7 +167,13 @@ def profile_processor(codec: EventCodec, topics: Topics, events: list[tuple[str,
     t0 = time.perf_counter()
     prof.enable()
     for offset, (topic, key, value) in enumerate(events):
-        decision = proc.handle(topic, 0, offset, key, value, state.get(key), time.time(), 0.0)
+        decision = proc.handle(topic, 0, offset, key, value, state.get(key), time.time(), 0.0,
+                               load=lambda pid, key=key: state.get(piece_key(key, pid)))
+        for pid, piece in decision.pieces:
+            if piece is None:
+                state.pop(piece_key(key, pid), None)
+            else:
+                state[piece_key(key, pid)] = piece
         if decision.state is not KEEP:
             if decision.state is None:
                 state.pop(key, None)

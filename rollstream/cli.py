@@ -43,6 +43,29 @@ def _smoke(args: argparse.Namespace, console: Console) -> int:
     return run_smoke(console, count=args.count)
 
 
+def _topics(args: argparse.Namespace, console: Console) -> int:
+    """Create a prefix's topics and register its schemas, publishing nothing (for producers of any language)."""
+    from dataclasses import replace
+
+    from rollstream.schemas.codec import register_schemas, registry_client
+    from rollstream.schemas.topics import Topics, create_topics
+    from rollstream.settings import ConnectionSettings
+
+    conn = ConnectionSettings()
+    conn = replace(conn, topic_prefix=args.topic_prefix or conn.topic_prefix,
+                   partitions=args.partitions or conn.partitions)
+    topics = Topics(conn.topic_prefix, conn.partitions)
+    created = create_topics(topics, conn)
+    ids = register_schemas(registry_client(conn), topics)
+    table = Table("topic", "partitions", "subject", "schema id", "created now")
+    for spec in topics.specs():
+        subject = f"{spec.name}-value"
+        table.add_row(spec.name, str(spec.partitions), subject if subject in ids else "-",
+                      str(ids.get(subject, "-")), "yes" if spec.name in created else "")
+    console.print(table)
+    return 0
+
+
 # Subcommands whose options belong to their own module's ``main(argv)``.
 DELEGATED = {
     "serve": ("rollstream.serving.server", "the OpenAI-compatible policy server (transformers, CPU/GPU)"),
@@ -66,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     smoke.add_argument("--count", type=int, default=100, help="events per type")
     smoke.set_defaults(func=_smoke)
+    topics = sub.add_parser("topics", help="create a prefix's topics and register its schemas (no events published)")
+    topics.add_argument("--topic-prefix", help="prefix of the topics (default: ROLLSTREAM_TOPIC_PREFIX)")
+    topics.add_argument("--partitions", type=int, help="partitions of new topics (default: ROLLSTREAM_PARTITIONS)")
+    topics.set_defaults(func=_topics)
     for name, (_module, text) in DELEGATED.items():
         sub.add_parser(name, help=text + f" (rollstream {name} --help)", add_help=False)
     return parser

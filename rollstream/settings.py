@@ -65,8 +65,10 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "OTLP_QUEUE_MAX": ("100000", "Events the OTLP receiver holds in memory while Kafka is slow or down (503 past it)."),
     "OTLP_MAX_BODY": ("16777216", "Largest OTLP request body accepted, in bytes (413 past it)."),
     # --- stream processor (rollstream process) ---
-    "PROCESS_APP_ID": ("rollstream-processor", "Faust app id of the stream processor; also its consumer group."),
-    "PROCESS_DATA_DIR": ("", "Local state (RocksDB) of the stream processor (default: $ROLLSTREAM_HOME/processor)."),
+    "PROCESS_APP_ID": ("", "Faust app id of the stream processor: its consumer group and changelog "
+                           "(default: <topic prefix>processor)."),
+    "PROCESS_DATA_DIR": ("", "Local state (RocksDB) of the stream processor "
+                             "(default: $ROLLSTREAM_HOME/processor/<app id>)."),
     "PROCESS_GUARANTEE": ("exactly_once", "Processing guarantee: exactly_once (Kafka transactions) or at_least_once."),
     "PROCESS_COMMIT_INTERVAL": ("0.25", "Seconds between commits (transactions); bounds reward-to-transition latency."),
     "PROCESS_COMPLETION": (

@@ -82,18 +82,21 @@ class Topics:
 
     def specs(self) -> list[TopicSpec]:
         n = self.partitions
+        # What the processor writes carries a call's tokens (transitions) or a whole input (dead letters, late
+        # events): room for the largest input it accepts (ROLLSTREAM_PROCESS_MAX_MESSAGE_BYTES) and more.
+        large = {"max.message.bytes": str(MAX_RECORD_BYTES)}
         return [
             TopicSpec(self.calls, n, "LlmCall", "rollout_id"),
             TopicSpec(self.rewards, n, "Reward", "rollout_id"),
             TopicSpec(self.rollouts, n, "RolloutEvent", "rollout_id"),
-            TopicSpec(self.transitions, n, "Transition", "rollout_id"),
+            TopicSpec(self.transitions, n, "Transition", "rollout_id", large),
             TopicSpec(
                 self.policy_updates, 1, "PolicyUpdate", "policy",
                 # Compacted: the newest version of each policy is always there to read.
                 {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": "600000"},
             ),
-            TopicSpec(self.dead_letters, 1, "DeadLetter", "original key"),
-            TopicSpec(self.late_events, n, None, "rollout_id"),
+            TopicSpec(self.dead_letters, 1, "DeadLetter", "original key", large),
+            TopicSpec(self.late_events, n, None, "rollout_id", large),
         ]
 
     def spec(self, topic: str) -> TopicSpec:
@@ -101,6 +104,9 @@ class Topics:
             if spec.name == topic:
                 return spec
         raise TopicError(f"'{topic}' is not one of Rollstream's topics (prefix {self.prefix!r})")
+
+
+MAX_RECORD_BYTES = 16 * 1024 * 1024  # the largest record the processor writes (topics and producer sized for it)
 
 
 def client_config(settings: ConnectionSettings | None = None, **overrides: Any) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -25,9 +25,17 @@ def _choice(name: str, choices: tuple[str, ...]) -> str:
     return raw
 
 
-def _data_dir() -> Path:
+def default_app_id(topic_prefix: str) -> str:
+    """The app id (consumer group, changelog and state) of the pipeline on ``topic_prefix``.
+
+    Derived from the prefix so that pipelines on two prefixes of one cluster never share a
+    consumer group, a changelog or local state by accident."""
+    return f"{topic_prefix}processor"
+
+
+def _data_dir() -> Path | None:
     raw = env("PROCESS_DATA_DIR")
-    return Path(raw).expanduser() if raw else Path(env("HOME")).expanduser() / "processor"
+    return Path(raw).expanduser() if raw else None
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ class ProcessorSettings:
     """How the join behaves; every field maps to one ROLLSTREAM_PROCESS_* variable."""
 
     app_id: str = field(default_factory=lambda: env("PROCESS_APP_ID"))
-    data_dir: Path = field(default_factory=_data_dir)
+    data_dir: Path | None = field(default_factory=_data_dir)  # None: $ROLLSTREAM_HOME/processor/<app id>
     guarantee: Guarantee = field(
         default_factory=lambda: _choice("PROCESS_GUARANTEE", ("exactly_once", "at_least_once"))  # type: ignore[arg-type,return-value]
     )
@@ -73,6 +81,12 @@ class ProcessorSettings:
                             ("TIMER_INTERVAL", self.timer_interval), ("COMMIT_INTERVAL", self.commit_interval)):
             if value <= 0:
                 raise ConfigError(f"{PREFIX}PROCESS_{name} must be positive, got {value}")
+
+    def for_prefix(self, topic_prefix: str) -> ProcessorSettings:
+        """These settings with the app id and data dir that were left to their defaults derived from the prefix."""
+        app_id = self.app_id or default_app_id(topic_prefix)
+        data_dir = self.data_dir or Path(env("HOME")).expanduser() / "processor" / app_id
+        return replace(self, app_id=app_id, data_dir=data_dir)
 
     def credit_rules(self) -> dict[str, CreditRule]:
         return parse_rules(self.credit)

@@ -14,11 +14,20 @@ the events' own timestamps: expiry is about how long the processor has been wait
 from __future__ import annotations
 
 import enum
+import struct
+from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any, Literal
 
 import orjson
+
+from rollstream.errors import ProcessorError
+
+
+class MissingPieceError(ProcessorError):
+    """A piece of a rollout's state (a call's tokens) is not in the state store."""
 
 FINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 Kind = Literal["call", "reward", "rollout"]
@@ -45,6 +54,36 @@ class CallEntry:
     prompt_token_ids: list[int]
     response_token_ids: list[int]
     response_logprobs: list[float] | None
+    start_time: float = 0.0  # seconds since the epoch; orders the calls (the sequence counter restarts with a gateway)
+    # True: the token ids and logprobs are stored as a piece of their own (see RolloutState.pieces), not inline.
+    piece: bool = False
+
+    @property
+    def piece_id(self) -> str:
+        return f"{self.attempt}\x1f{self.call_id}"
+
+
+def pack_tokens(prompt: list[int], response: list[int], logprobs: list[float] | None) -> bytes:
+    """A call's token ids and logprobs as one compact piece (4 bytes a token id where they fit)."""
+    code = "I" if all(0 <= t < 2**32 for t in prompt) and all(0 <= t < 2**32 for t in response) else "q"
+    head = struct.pack("<cIIi", code.encode(), len(prompt), len(response), -1 if logprobs is None else len(logprobs))
+    body = array(code, prompt).tobytes() + array(code, response).tobytes()
+    return head + body + (array("d", logprobs).tobytes() if logprobs is not None else b"")
+
+
+def unpack_tokens(data: bytes) -> tuple[list[int], list[int], list[float] | None]:
+    code, n_prompt, n_response, n_logprobs = struct.unpack_from("<cIIi", data)
+    ids: array[int] = array(code.decode())
+    at = struct.calcsize("<cIIi")
+    ids.frombytes(data[at:at + (n_prompt + n_response) * ids.itemsize])
+    at += (n_prompt + n_response) * ids.itemsize
+    logprobs = None
+    if n_logprobs >= 0:
+        lp: array[float] = array("d")
+        lp.frombytes(data[at:at + n_logprobs * lp.itemsize])
+        logprobs = lp.tolist()
+    values = ids.tolist()
+    return values[:n_prompt], values[n_prompt:], logprobs
 
 
 @dataclass
@@ -68,19 +107,43 @@ class RolloutState:
     closed_at: float | None = None
     closed_how: str | None = None  # completed | expired
     max_ts: float = 0.0  # latest Kafka timestamp among its events: the stream time it completes at
+    # Token pieces of calls added since the state was loaded (piece id -> packed tokens): stored beside the
+    # state under keys of their own, so that no write grows with the rollout (see processor.piece_key).
+    new_pieces: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def closed(self) -> bool:
         return self.closed_at is not None
 
     def dumps(self) -> bytes:
-        # orjson serializes dataclasses natively; dataclasses.asdict would deep-copy every token id.
-        return orjson.dumps(self)
+        """The state without its new pieces (they are stored under keys of their own)."""
+        pieces, self.new_pieces = self.new_pieces, {}
+        try:
+            # orjson serializes dataclasses natively; dataclasses.asdict would deep-copy every token id.
+            return orjson.dumps(self)
+        finally:
+            self.new_pieces = pieces
+
+    def tokens(self, call: CallEntry, load: Callable[[str], bytes | None]) -> CallEntry:
+        """``call`` with its token ids and logprobs, read from its piece where they are stored apart."""
+        if not call.piece:
+            return call
+        data = self.new_pieces.get(call.piece_id) or load(call.piece_id)
+        if data is None:
+            raise MissingPieceError(f"rollout {self.rollout_id}: the tokens of call {call.call_id} "
+                                    f"(attempt {call.attempt}) are missing from the state store")
+        prompt, response, logprobs = unpack_tokens(data)
+        return replace(call, prompt_token_ids=prompt, response_token_ids=response, response_logprobs=logprobs)
+
+    def pieces(self) -> list[str]:
+        """The ids of every piece the state has stored apart."""
+        return [c.piece_id for c in self.calls if c.piece]
 
     @classmethod
     def loads(cls, data: bytes) -> RolloutState:
         raw: dict[str, Any] = orjson.loads(data)
         raw["calls"] = [CallEntry(**c) for c in raw.get("calls", [])]
+        raw.pop("new_pieces", None)
         raw["rewards"] = [RewardEntry(**r) for r in raw.get("rewards", [])]
         return cls(**raw)
 
@@ -101,7 +164,12 @@ class RolloutState:
         return self.latest_attempt()
 
     def calls_of(self, attempt: int) -> list[CallEntry]:
-        return sorted((c for c in self.calls if c.attempt == attempt), key=lambda c: (c.sequence, c.call_id))
+        """The calls of ``attempt`` in the order they were made: by start time, then sequence number.
+
+        A producer's sequence counter lives in its memory and starts again at 0 when it restarts,
+        so it only breaks ties; the start time survives the restart."""
+        return sorted((c for c in self.calls if c.attempt == attempt),
+                      key=lambda c: (c.start_time, c.sequence, c.call_id))
 
     def intermediate_of(self, attempt: int) -> dict[str, float]:
         """Non-terminal rewards attached to calls of ``attempt``, summed per call id."""
@@ -123,6 +191,15 @@ class RolloutState:
         if self.closed_at is not None:
             return self.closed_at + closed_ttl
         return (self.first_seen if expire_from == "first_event" else self.last_seen) + expire_after
+
+
+def epoch_seconds(value: Any) -> float:
+    """An Avro ``timestamp-micros`` as decoded (a datetime, or micros where the logical type was not applied)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return float(value) / 1e6
 
 
 def event_key(record: dict[str, Any]) -> str:
@@ -156,15 +233,16 @@ def apply(
     state.max_ts = max(state.max_ts, ts)
     outcome = Outcome.ADDED
     if kind == "call":
-        state.calls.append(
-            CallEntry(
-                call_id=record["call_id"], attempt=int(record["attempt"]), sequence=int(record["sequence"]),
-                agent_name=record.get("agent_name"), policy=record["policy"],
-                policy_version=int(record["policy_version"]),
-                prompt_token_ids=list(record.get("prompt_token_ids") or []),
-                response_token_ids=list(record.get("response_token_ids") or []),
-                response_logprobs=record.get("response_logprobs"),
-            )
+        entry = CallEntry(
+            call_id=record["call_id"], attempt=int(record["attempt"]), sequence=int(record["sequence"]),
+            agent_name=record.get("agent_name"), policy=record["policy"],
+            policy_version=int(record["policy_version"]), prompt_token_ids=[], response_token_ids=[],
+            response_logprobs=None, start_time=epoch_seconds(record.get("start_time")), piece=True,
+        )
+        state.calls.append(entry)
+        state.new_pieces[entry.piece_id] = pack_tokens(
+            list(record.get("prompt_token_ids") or []), list(record.get("response_token_ids") or []),
+            record.get("response_logprobs"),
         )
     elif kind == "reward":
         if record.get("name", "primary") != reward_name:

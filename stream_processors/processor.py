@@ -48,6 +48,23 @@ class Decision:
     # False: the record did not change the rollout (a duplicate, a late or a bad record), so the timer's
     # deadline and the waiting completion it may have stay as they are.
     tracks: bool = True
+    # Pieces of the state stored under keys of their own (piece id -> value; None: delete), see piece_key.
+    pieces: list[tuple[str, bytes | None]] = field(default_factory=list)
+
+
+Load = Callable[[str], bytes | None]  # a stored piece of the rollout's state by its id, or None
+
+
+def no_pieces(piece_id: str) -> bytes | None:
+    return None
+
+
+PIECE = b"\x00piece\x1f"  # table keys of state pieces (never a rollout id: those are non-empty text)
+
+
+def piece_key(key: bytes, piece_id: str) -> bytes:
+    """Where a piece of rollout ``key``'s state lives in the table (beside the state, in its partition)."""
+    return PIECE + key + b"\x1f" + piece_id.encode()
 
 
 def transition_id(rollout_id: str, attempt: int, call_id: str) -> str:
@@ -78,6 +95,7 @@ class Processor:
     def handle(
         self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
         stored: bytes | None, now: float, ts: float = 0.0, ready: Callable[[RolloutState], bool] = lambda s: True,
+        load: Load = no_pieces,
     ) -> Decision:
         """One record of the calls, rewards or rollouts topic."""
         self.metrics.inc("events")
@@ -111,23 +129,33 @@ class Processor:
             self.metrics.inc("ignored_rewards")
         if outcome is Outcome.COMPLETED:
             if ready(state):
-                return self._complete(state, now)
-            self._track(state)
-            return Decision(state.dumps(), [], self._deadline(state), pending_ts=state.max_ts)
-        self._track(state)
-        return Decision(state.dumps(), [], self._deadline(state))
+                return self._complete(state, now, load)
+            return self._keep(state, pending_ts=state.max_ts)
+        return self._keep(state)
 
-    def _complete(self, state: RolloutState, now: float) -> Decision:
+    def _keep(self, state: RolloutState, pending_ts: float | None = None) -> Decision:
+        """Store the open state, and the pieces added to it."""
+        self._track(state)
+        pieces: list[tuple[str, bytes | None]] = list(state.new_pieces.items())
+        return Decision(state.dumps(), [], self._deadline(state), pending_ts=pending_ts, pieces=pieces)
+
+    def _close(self, state: RolloutState, how: str, now: float, outputs: list[Output]) -> Decision:
+        """Replace the state by its closed marker, deleting the pieces stored for it."""
+        stored: list[tuple[str, bytes | None]] = [(pid, None) for pid in state.pieces() if pid not in state.new_pieces]
+        closed = join.close(state, how, now)
+        self._track(closed)
+        return Decision(closed.dumps(), outputs, self._deadline(closed), pieces=stored)
+
+    def _complete(self, state: RolloutState, now: float, load: Load) -> Decision:
         terminal = state.terminal_reward()
         assert terminal is not None
-        outputs = self.transitions(state, terminal.value, "completed")
+        outputs = self.transitions(state, terminal.value, "completed", load)
         self.metrics.inc("completed")
-        state = join.close(state, "completed", now)
-        self._track(state)
-        return Decision(state.dumps(), outputs, self._deadline(state))
+        return self._close(state, "completed", now, outputs)
 
     def check(
-        self, stored: bytes | None, now: float, ready: Callable[[RolloutState], bool] = lambda s: True
+        self, stored: bytes | None, now: float, ready: Callable[[RolloutState], bool] = lambda s: True,
+        load: Load = no_pieces,
     ) -> Decision:
         """A look at one rollout: complete it once ready, expire it, or forget its closed marker, when due."""
         if stored is None:
@@ -136,7 +164,7 @@ class Processor:
         s = self.settings
         if state.is_complete(s.completion):
             if ready(state):
-                return self._complete(state, now)
+                return self._complete(state, now, load)
             return Decision(deadline=self._deadline(state), pending_ts=state.max_ts)
         if state.closed:
             if now >= self._deadline(state):
@@ -148,16 +176,14 @@ class Processor:
         outputs: list[Output] = []
         if s.expire_action == "fill":
             terminal = state.terminal_reward()
-            outputs = self.transitions(state, terminal.value if terminal else s.fill_value, "expired")
+            outputs = self.transitions(state, terminal.value if terminal else s.fill_value, "expired", load)
             self.metrics.inc("expired_filled")
         else:
             self.metrics.inc("expired_dropped")
         log.info("rollout %s expired (%s, %d calls)", state.rollout_id, s.expire_action, len(state.calls))
-        state = join.close(state, "expired", now)
-        self._track(state)
-        return Decision(state.dumps(), outputs, self._deadline(state))
+        return self._close(state, "expired", now, outputs)
 
-    def transitions(self, state: RolloutState, terminal: float, how: str) -> list[Output]:
+    def transitions(self, state: RolloutState, terminal: float, how: str, load: Load = no_pieces) -> list[Output]:
         attempt = state.target_attempt()
         calls = state.calls_of(attempt)
         if not calls:
@@ -172,7 +198,7 @@ class Processor:
             if self.agent_pattern is not None and not self.agent_pattern.search(call.agent_name or ""):
                 continue
             tid = transition_id(state.rollout_id, attempt, call.call_id)
-            record = self._transition(state, call, tid, info, reward, ret, terminal, rule, how)
+            record = self._transition(state, state.tokens(call, load), tid, info, reward, ret, terminal, rule, how)
             outputs.append(Output(self.topics.transitions, key, self.codec.encode(self.topics.transitions, record)))
         self.metrics.inc("transitions", len(outputs))
         return outputs

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 import sys
 import time
@@ -34,12 +35,20 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from faust.types import TP
 from rollstream.schemas.codec import EventCodec, registry_client
-from rollstream.schemas.topics import Topics, check_copartitioned, client_config, consumer_config, create_topics
+from rollstream.schemas.topics import (
+    MAX_RECORD_BYTES,
+    Topics,
+    check_copartitioned,
+    client_config,
+    consumer_config,
+    create_topics,
+)
 from rollstream.stream_processors.auth import faust_credentials
 from rollstream.stream_processors.config import ProcessorSettings
 from rollstream.stream_processors.join import RolloutState, Watermarks
 from rollstream.stream_processors.metrics import Metrics
-from rollstream.stream_processors.processor import KEEP, Decision, Output, Processor
+from rollstream.stream_processors.processor import KEEP, Decision, Output, Processor, piece_key
+from rollstream.stream_processors.unreadable import Unreadable, guard_batches
 
 from rollstream.errors import ProcessorError, RollstreamError
 from rollstream.settings import ConnectionSettings, kafka_client_config
@@ -51,6 +60,7 @@ CHECK = b"check"
 LEDGER = b"\x00ledger\x1f"  # table keys of the input ledger (never a rollout id: those are non-empty text)
 HIGHWATER_MARGIN = 0.2  # seconds after a rollout's last event before a high-water mark may stand for it
 LEDGER_CHECK = b"\x00ledger-check"  # command (sent to one partition) to compare the ledger with committed offsets
+UNREADABLE_CHECK = b"\x00unreadable"  # command (sent to one partition) to read again a batch Faust could not decode
 
 
 def ledger_key(topic: str, partition: int) -> bytes:
@@ -134,7 +144,7 @@ def prepare_topics(settings: ProcessorSettings, conn: ConnectionSettings, topics
     n = check_copartitioned(topics, conn)
     admin = AdminClient(client_config(conn))
     internal = {
-        changelog_topic(settings.app_id): {"cleanup.policy": "compact"},
+        changelog_topic(settings.app_id): {"cleanup.policy": "compact", "max.message.bytes": str(MAX_RECORD_BYTES)},
         commands_topic(settings.app_id): {"retention.ms": str(24 * 3600 * 1000)},
     }
     meta = admin.list_topics(timeout=30).topics
@@ -182,6 +192,10 @@ class Runtime:
         self.ledger_written: dict[tuple[str, int], int] = {}
         self.reader = RangeReader(conn)
         self.highwaters: dict[tuple[str, int], tuple[int, float]] = {}  # (topic, partition) -> (mark, asked at)
+        # Batches Faust's consumer could not decode: reported from its thread, read again through librdkafka.
+        self.unreadable: list[Unreadable] = []
+        self.unread: dict[int, list[Unreadable]] = {}  # partition -> batches still to read again
+        guard_batches(self.unreadable.append)
         brokers = [f"kafka://{h.strip()}" for h in conn.kafka_bootstrap.split(",") if h.strip()]
         self.app = app = faust.App(
             settings.app_id,
@@ -203,6 +217,7 @@ class Runtime:
             web_host="127.0.0.1",
             stream_wait_empty=False,
             producer_linger=0.002,
+            producer_max_request_size=MAX_RECORD_BYTES,
             table_cleanup_interval=3600.0,
         )
         self.source = app.topic(
@@ -222,7 +237,17 @@ class Runtime:
         @app.agent(self.source, name="join")
         async def join(stream: faust.StreamT) -> None:
             async for event in stream.events():
-                await self.on_message(event.message)
+                try:
+                    await self.on_message(event.message)
+                except Exception:
+                    if self.settings.guarantee != "exactly_once":
+                        raise
+                    # Faust would restart the agent in-process with the local store holding writes that the
+                    # aborted transaction took back from the changelog: end the worker instead, so that its
+                    # next start rebuilds the store from the changelog and processes the record again.
+                    log.critical("could not process %s[%d]@%d; exiting, to start again from the last commit",
+                                 event.message.topic, event.message.partition, event.message.offset, exc_info=True)
+                    os._exit(70)
 
         @app.timer(self.settings.timer_interval, name="expiry")
         async def expiry() -> None:
@@ -320,7 +345,13 @@ class Runtime:
                                           value_serializer="raw", eager_partitioning=True)
         await changelog.publish_message(fut)
 
+    def _loader(self, key: bytes) -> Any:
+        data = self.table.data
+        return lambda piece_id: data.get(piece_key(key, piece_id))
+
     async def _apply(self, key: bytes, partition: int, decision: Decision) -> None:
+        for piece_id, value in decision.pieces:  # before the state that refers to them
+            await self._store(piece_key(key, piece_id), value, partition)
         if decision.state is not KEEP:
             await self._store(key, decision.state, partition)
         for out in decision.outputs:
@@ -339,14 +370,40 @@ class Runtime:
     async def on_message(self, message: Any) -> None:
         async with self.lock:
             topic, p, offset = message.topic, message.partition, message.offset
+            await self._read_unreadable(p)
             expected = self._expected_offset(topic, p)
             if expected is not None and offset > expected:
                 await self._repair_gap(topic, p, expected, offset)
             if topic == self.commands.get_topic_name() and message.value == LEDGER_CHECK:
                 await self._check_ledger(p)
+            elif topic == self.commands.get_topic_name() and message.value == UNREADABLE_CHECK:
+                pass  # it only brought the partition's turn (_read_unreadable above)
             else:
                 await self._process(message)
             self.next_offset[(topic, p)] = max(expected or 0, offset + 1)
+
+    def _take_unreadable(self) -> None:
+        while self.unreadable:
+            found = self.unreadable.pop(0)
+            self.metrics.inc("unreadable_batches")
+            self.metrics.inc("unreadable_records", found.next_offset - found.first_offset)
+            self.unread.setdefault(found.partition, []).append(found)
+
+    async def _read_unreadable(self, partition: int) -> None:
+        """Process the records of batches of ``partition`` that Faust's consumer skipped as undecodable.
+
+        librdkafka decodes every codec Kafka has; what it cannot read either stops here with the
+        reason, without stopping the partition's other records."""
+        self._take_unreadable()
+        for found in self.unread.pop(partition, []):
+            try:
+                await self._repair_gap(found.topic, partition, found.first_offset, found.next_offset)
+            except ProcessorError as exc:
+                log.error("%s[%d]: offsets %d..%d stay unread (%s): %s", found.topic, partition,
+                          found.first_offset, found.next_offset - 1, found.reason, exc)
+                continue
+            key = (found.topic, partition)
+            self.next_offset[key] = max(self._expected_offset(*key) or 0, found.next_offset)
 
     async def _check_ledger(self, partition: int) -> None:
         """After a partition is assigned: records between the ledger and the committed offset were never
@@ -388,12 +445,13 @@ class Runtime:
             return self.watermarks.ready(p, state.max_ts, now, self._caught_up)
 
         stored = self.table.data.get(message.key) if message.key is not None else None
+        load = self._loader(message.key or b"")
         if message.topic == self.commands.get_topic_name():
-            decision = self.processor.check(stored, now, ready)
+            decision = self.processor.check(stored, now, ready, load)
         else:
             self.watermarks.observe(message.topic, p, message.timestamp or 0.0, now, message.offset)
             decision = self.processor.handle(message.topic, p, message.offset, message.key, message.value,
-                                             stored, now, message.timestamp or 0.0, ready)
+                                             stored, now, message.timestamp or 0.0, ready, load)
         if message.key is None:  # dead letter of a record without a key: nothing to store
             for out in decision.outputs:
                 await self._send(out, p)
@@ -403,7 +461,8 @@ class Runtime:
         waiting = self.pending.get(p)
         if waiting:
             for key in [k for k, ts in waiting.items() if self.watermarks.ready(p, ts, now, self._caught_up)]:
-                await self._apply(key, p, self.processor.check(self.table.data.get(key), now, ready))
+                await self._apply(key, p, self.processor.check(self.table.data.get(key), now, ready,
+                                                               self._loader(key)))
 
     def _caught_up(self, topic: str, partition: int, at_ts: float) -> bool:
         """Whether this worker has processed everything the topic-partition held when ``at_ts`` was passed.
@@ -452,15 +511,18 @@ class Runtime:
         tables: Any = app.tables
         if app.rebalancing or not tables.recovery.completed.is_set():
             return
+        producer: Any = self.app.producer
         actives = frozenset(app.assignor.assigned_actives())
         if actives != self.indexed:
             self._reindex()
             new = {tp.partition for tp in actives - (self.indexed or frozenset())
                    if tp.topic == self.commands.get_topic_name()}
             self.indexed = actives
-            producer: Any = self.app.producer
             for partition in sorted(new):
                 await producer.send(self.commands.get_topic_name(), LEDGER, LEDGER_CHECK, partition, None, None)
+        self._take_unreadable()
+        for partition in list(self.unread):  # a record of that partition gives the agent its turn to read them
+            await producer.send(self.commands.get_topic_name(), LEDGER, UNREADABLE_CHECK, partition, None, None)
         now = time.time()
         # Snapshots: the agent changes these dicts while this awaits.
         for p, waiting in list(self.pending.items()):
@@ -499,7 +561,7 @@ class Runtime:
             self.next_offset.pop(tp, None)
             self.ledger_written.pop(tp, None)
         for key, value in table.data.items():
-            if key.startswith(LEDGER):
+            if key.startswith(b"\x00"):  # the ledger and state pieces: not rollouts
                 continue
             state = RolloutState.loads(value)
             self.deadlines[key] = state.deadline(s.expire_after, s.expire_from, s.closed_ttl)
@@ -516,8 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rollstream process", description=__doc__.split("\n")[0])
     p.add_argument("--topic-prefix", help="prefix of the topics (default: ROLLSTREAM_TOPIC_PREFIX)")
     p.add_argument("--partitions", type=int, help="partitions of topics created here (default: ROLLSTREAM_PARTITIONS)")
-    p.add_argument("--app-id", help="Faust app id / consumer group (default: ROLLSTREAM_PROCESS_APP_ID)")
-    p.add_argument("--data-dir", help="local state folder (default: ROLLSTREAM_PROCESS_DATA_DIR)")
+    p.add_argument("--app-id", help="Faust app id / consumer group (default: ROLLSTREAM_PROCESS_APP_ID, "
+                                    "else <topic prefix>processor)")
+    p.add_argument("--data-dir", help="local state folder (default: ROLLSTREAM_PROCESS_DATA_DIR, "
+                                      "else $ROLLSTREAM_HOME/processor/<app id>)")
     p.add_argument("--web-port", type=int, help="web server port for /metrics and /stats")
     p.add_argument("--guarantee", choices=["exactly_once", "at_least_once"])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -544,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides["web_port"] = args.web_port
         if args.guarantee:
             overrides["guarantee"] = args.guarantee
-        settings = replace(settings, **overrides)
+        settings = replace(settings, **overrides).for_prefix(conn.topic_prefix)
         topics = Topics(conn.topic_prefix, conn.partitions)
         n = prepare_topics(settings, conn, topics)
         topics = Topics(conn.topic_prefix, n)

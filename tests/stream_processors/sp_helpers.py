@@ -31,7 +31,7 @@ def call(rid: str, seq: int, *, attempt: int = 1, agent: str | None = "solver", 
         sampling={"temperature": 1.0, "top_p": None, "max_tokens": None, "stop": [], "seed": None, "n": 1},
         response_text=f"r{seq}", prompt_token_ids=[1, 2, seq] if tokens else None,
         response_token_ids=[7, seq] if tokens else None, response_logprobs=[-0.5, -0.25] if tokens else None,
-        start_time=1, end_time=2, latency_ms=1.0, **extra,
+        start_time=extra.pop("start_time", 1), end_time=extra.pop("end_time", 2), latency_ms=1.0, **extra,
     )
 
 

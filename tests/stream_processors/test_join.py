@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from rollstream.stream_processors.join import Outcome, RolloutState, Watermarks, apply, close, is_expired
 from sp_helpers import call, lifecycle, reward
 
@@ -72,7 +74,13 @@ def test_expiry_from_first_event_or_last_activity() -> None:
 def test_state_round_trips() -> None:
     state, _ = feed([("call", call("r", 0)), ("rollout", lifecycle("r", "STARTED", group_id="g"))])
     assert state is not None
-    assert RolloutState.loads(state.dumps()) == state
+    loaded = RolloutState.loads(state.dumps())
+    # A call's tokens are a piece of their own, stored under another key: not in the state's record.
+    assert loaded == dataclasses.replace(state, new_pieces={}) and list(state.new_pieces) == ["1\x1fc0"]
+    assert b'"new_pieces":{}' in state.dumps() and state.new_pieces  # dumps leaves the pieces in place
+    full = loaded.tokens(loaded.calls[0], state.new_pieces.get)
+    assert (full.prompt_token_ids, full.response_token_ids) == ([1, 2, 0], [7, 0])
+    assert full.response_logprobs == [-0.5, -0.25]
 
 
 def test_watermarks_wait_for_lagging_topics_or_idleness() -> None:
@@ -91,3 +99,21 @@ def test_watermarks_wait_for_lagging_topics_or_idleness() -> None:
     assert not wm2.ready(1, 5.0, now=2000.3)
     assert wm2.ready(1, 5.0, now=2000.6)
     assert not wm2.ready(1, 5.0, now=2000.6, caught_up=lambda t, p, ts: False)  # unless records are still unread
+
+
+def test_calls_are_ordered_by_start_time_when_the_sequence_restarts() -> None:
+    """A gateway restarted during a rollout numbers its calls from 0 again; their start times still tell the order."""
+    from datetime import UTC, datetime
+
+    def at(second: int) -> datetime:
+        return datetime.fromtimestamp(1_800_000_000 + second, tz=UTC)
+
+    # Before the restart: sequences 0, 1; after it: 0, 1 again. Arrival order mixed.
+    calls = [call("r", 0, call_id="after-0", start_time=at(30)), call("r", 0, call_id="before-0", start_time=at(10)),
+             call("r", 1, call_id="after-1", start_time=at(40)), call("r", 1, call_id="before-1", start_time=at(20))]
+    state, _ = feed([("call", c) for c in calls] + [("reward", reward("r", 1.0))])
+    assert state is not None
+    assert [c.call_id for c in state.calls_of(1)] == ["before-0", "before-1", "after-0", "after-1"]
+    # The order survives the state's round trip through the changelog.
+    assert [c.call_id for c in RolloutState.loads(state.dumps()).calls_of(1)] == [
+        "before-0", "before-1", "after-0", "after-1"]

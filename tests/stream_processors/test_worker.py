@@ -239,6 +239,7 @@ def test_a_repeat_does_not_drop_a_waiting_completion(settings: ConnectionSetting
 
     proc = Processor(ProcessorSettings(), topics, codec, Metrics())
     state: bytes | None = None
+    pieces: dict[str, bytes] = {}  # the table's keys of the rollout's pieces, as the worker keeps them
     rid = "ro-wait"
     terminal = codec.encode(topics.rewards, reward(rid, 1.0))
     for i, (topic, value) in enumerate([(topics.calls, codec.encode(topics.calls, call(rid, 0))),
@@ -247,10 +248,11 @@ def test_a_repeat_does_not_drop_a_waiting_completion(settings: ConnectionSetting
         decision = proc.handle(topic, 0, i, rid.encode(), value, state, now=100.0, ready=lambda s: False)
         assert decision.tracks and decision.state is not KEEP
         state = decision.state  # type: ignore[assignment]
+        pieces.update({pid: v for pid, v in decision.pieces if v is not None})
     assert decision.pending_ts is not None and decision.deadline is not None  # complete, waiting
     repeat = proc.handle(topics.rewards, 0, 3, rid.encode(), terminal, state, now=101.0, ready=lambda s: False)
     assert repeat.state is KEEP and not repeat.outputs and not repeat.tracks
     bad = proc.handle(topics.rewards, 0, 4, rid.encode(), b"\x00junk", state, now=101.0, ready=lambda s: False)
     assert bad.outputs and bad.outputs[0].topic == topics.dead_letters and not bad.tracks
-    done = proc.check(state, now=102.0, ready=lambda s: True)
+    done = proc.check(state, now=102.0, ready=lambda s: True, load=pieces.get)
     assert [o.topic for o in done.outputs] == [topics.transitions]
