@@ -2,8 +2,11 @@
 
 Installed from Maven Central as the Quarkus distribution Apicurio attaches to its app
 module (``io.apicurio:apicurio-registry-app:<version>:tar.gz:all``; the plain jar is not
-runnable), and run with in-memory storage. Clients use ``/apis/ccompat/v7`` unchanged.
-Apicurio 3.x is built for Java 21+, so a suitable JDK is looked for beside the default.
+runnable), and run on an H2 database in a file under the stack's data folder. Schemas and
+their ids outlive a restart: records already in Kafka name their schema by id, and an
+in-memory registry would hand the same ids to other schemas after one. Clients use
+``/apis/ccompat/v7`` unchanged. Apicurio 3.x is built for Java 21+, so a suitable JDK is
+looked for beside the default.
 """
 
 from __future__ import annotations
@@ -80,6 +83,19 @@ class ApicurioRegistry(Service):
     def dist(self) -> Path:
         return self.settings.home / f"apicurio-registry-{self.settings.registry_version}"
 
+    @property
+    def database(self) -> Path:
+        """The H2 database, without the ``.mv.db`` that H2 appends (an absolute path, as H2 requires)."""
+        return self.data_dir.resolve() / "registry"
+
+    @property
+    def datasource_url(self) -> str:
+        # WRITE_DELAY=0 writes every commit to the file before answering (the default waits up to
+        # 500 ms), so a registry killed right after handing out an id still knows it when it starts again.
+        # DB_CLOSE_ON_EXIT=FALSE: Quarkus closes the connection pool on shutdown; H2's own shutdown
+        # hook closing the database first would fail requests still in flight.
+        return f"jdbc:h2:file:{self.database};WRITE_DELAY=0;DB_CLOSE_ON_EXIT=FALSE"
+
     def installed(self) -> bool:
         return (self.dist / "quarkus-run.jar").exists()
 
@@ -105,6 +121,7 @@ class ApicurioRegistry(Service):
 
     def start(self) -> None:
         java = find_java()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process.start(
             [
                 java, f"-Xmx{self.settings.registry_heap}", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
@@ -112,7 +129,7 @@ class ApicurioRegistry(Service):
                 # Health and metrics live on a management port that defaults to 0.0.0.0:9000.
                 "-Dquarkus.management.host=127.0.0.1", f"-Dquarkus.management.port={self.management_port}",
                 "-Dapicurio.storage.kind=sql", "-Dapicurio.storage.sql.kind=h2",
-                "-Dapicurio.datasource.url=jdbc:h2:mem:registry",
+                f"-Dapicurio.datasource.url={self.datasource_url}",
                 # Schemas that differ only in formatting get the same id, as in Confluent's registry.
                 "-Dapicurio.ccompat.use-canonical-hash=true",
                 # Every test makes its own topics; the default caps GET /subjects at 1000.
