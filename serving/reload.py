@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,8 @@ from rollstream.errors import RollstreamError
 from rollstream.settings import ConnectionSettings
 
 log = logging.getLogger(__name__)
+
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # pauses between tries of a version that failed to load
 
 Loader = Callable[[str, int], Engine]
 
@@ -67,6 +70,8 @@ class PolicyWatcher:
         consumer = self._consumer()
         log.info("watching %s for updates of policy '%s'", self.topics.policy_updates, self.policy)
         warned = False
+        retry: dict[str, Any] | None = None  # the newest update whose load failed: tried again after a pause
+        retry_at, pause = 0.0, RETRY_FIRST_S
         try:
             while not self._stop.is_set():
                 try:
@@ -87,8 +92,14 @@ class PolicyWatcher:
                     update = self._decode(codec, msg.value(), msg.partition(), msg.offset())
                     if update is not None and (newest is None or update["version"] > newest["version"]):
                         newest = update
+                if newest is None and retry is not None and time.monotonic() >= retry_at:
+                    newest = retry
                 if newest is not None and newest["version"] > self.scheduler.target_version:
-                    self._apply(newest)
+                    if self._apply(newest):
+                        retry, pause = None, RETRY_FIRST_S
+                    else:  # S3 away, say: the version is not skipped, it is loaded once S3 is back
+                        retry, retry_at = newest, time.monotonic() + pause
+                        pause = min(pause * 2, RETRY_MAX_S)
         finally:
             consumer.close()
 
@@ -110,14 +121,15 @@ class PolicyWatcher:
             return None
         return update
 
-    def _apply(self, update: dict[str, Any]) -> None:
+    def _apply(self, update: dict[str, Any]) -> bool:
         version, uri = int(update["version"]), str(update["weights_uri"])
         log.info("policy '%s' version %d published at %s; loading", self.policy, version, uri)
         try:
             engine = self.load(uri, version)
-        except RollstreamError as exc:
+        except Exception as exc:  # S3 errors come as urllib3/botocore exceptions too: never end the watcher
             self.failures += 1
-            log.error("cannot load policy '%s' version %d from %s; still serving version %d: %s",
+            log.error("cannot load policy '%s' version %d from %s; still serving version %d, trying again: %s",
                       self.policy, version, uri, self.scheduler.target_version, exc)
-            return
+            return False
         self.scheduler.swap(engine)
+        return True

@@ -120,13 +120,13 @@ class Stack:
                 return svc
         raise StackError(f"no service '{name}' in the local stack; one of {', '.join(s.name for s in self.services)}")
 
-    def restart(self, name: str, down_s: float = 0.0) -> float:
-        """Stop one service (SIGTERM, SIGKILL after 20 s), wait ``down_s``, start it again on the same
-        ports and data folder, and wait for its health check; returns the seconds it was down."""
+    def restart(self, name: str, down_s: float = 0.0, kill: bool = False) -> float:
+        """Stop one service (SIGTERM, SIGKILL after 20 s; ``kill``: SIGKILL at once), wait ``down_s``, start it
+        again on the same ports and data folder, and wait for its health check; returns the seconds it was down."""
         svc = self.service(name)
         t0 = time.monotonic()
-        svc.process.stop()
-        self.report(f"{svc.name}: stopped")
+        svc.process.stop(kill=kill)
+        self.report(f"{svc.name}: {'killed' if kill else 'stopped'}")
         time.sleep(down_s)
         self._start([svc])
         return time.monotonic() - t0

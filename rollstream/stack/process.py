@@ -112,13 +112,14 @@ class ManagedProcess:
         self.pid_file.write_text(json.dumps({"pid": proc.pid, "argv0": argv[0]}))
         return proc.pid
 
-    def stop(self, timeout: float = 20.0) -> bool:
-        """Stop the recorded process group; True if something was stopped."""
+    def stop(self, timeout: float = 20.0, kill: bool = False) -> bool:
+        """Stop the recorded process group (``kill``: SIGKILL at once, as a crash); True if something was stopped."""
         pid = self.pid()
         self.pid_file.unlink(missing_ok=True)
         if pid is None:
             return False
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        signals = ((signal.SIGKILL, 5.0),) if kill else ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0))
+        for sig, wait in signals:
             try:
                 os.killpg(pid, sig)
             except ProcessLookupError:

@@ -108,3 +108,33 @@ def test_policy_update_swaps_weights_without_failing_requests(
         while late.stats()["policy_version"] != 1 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert late.stats()["policy_version"] == 1, late.log_tail()
+
+
+def test_a_version_that_cannot_be_loaded_yet_is_tried_again(
+    settings: ConnectionSettings, topics_factory: Callable[..., Topics], store: ObjectStore, bucket: str,
+    tiny_model_dir: Path, tmp_path: Path,
+) -> None:
+    """S3 away (here: the weights not there yet) when the update arrives: the server keeps serving the old
+    version, tries the new one again with a growing pause, and serves it once it can be read."""
+    new_dir = build_tiny_model(tmp_path / "tiny-step-2", seed=2)
+    weights_uri = f"s3://{bucket}/tiny-late/step-000002/"
+    topics = topics_factory()
+    env = {"ROLLSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+           "ROLLSTREAM_SCHEMA_REGISTRY_URL": settings.schema_registry_url,
+           "ROLLSTREAM_S3_ENDPOINT": settings.s3_endpoint}
+    with ServerProcess(tiny_model_dir, policy="tiny", args=["--topic-prefix", topics.prefix], env=env,
+                       log_path=tmp_path / "serve-retry.log") as server:
+        producer = EventProducer(EventCodec(registry_client(settings), topics), settings)
+        producer.publish(topics.policy_updates, "tiny", make_event(
+            "PolicyUpdate", source="test", policy="tiny", version=2, step=2, weights_uri=weights_uri))
+        producer.flush()
+        deadline = time.monotonic() + 60
+        while "cannot load policy" not in server.log_tail(200) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "trying again" in server.log_tail(200), server.log_tail()
+        assert server.stats()["policy_version"] == 0
+        store.upload_dir(new_dir, weights_uri)
+        deadline = time.monotonic() + 90
+        while server.stats()["policy_version"] != 2 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert server.stats()["policy_version"] == 2, server.log_tail()
