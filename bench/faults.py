@@ -23,7 +23,8 @@ what is left, and the accounting reads only durable records:
 - the topics, with read_committed: rollouts, calls, rewards, transitions, dead letters, late events,
   and the processor's changelog (how each rollout closed: completed or expired);
 - the trainer's checkpoints on S3 (``trainer_state.json``: the transition ids each step trained,
-  and those dropped as stale, since the previous checkpoint).
+  and those dropped as stale, since the previous checkpoint; a pruned checkpoint leaves that record
+  under ``records/``).
 
 Every rollout is then trained, dropped by the trainer (stale), expired, dead-lettered, not started
 (the gateway was unreachable for its start), or LOST. It is LOST when an event the gateway
@@ -502,11 +503,10 @@ class Accounting:
         trained: Counter[str] = Counter()
         dropped: dict[str, str] = {}
         steps = store.steps()
-        for step in steps:
-            state = store.state(step)
-            for ids in state.get("consumed", {}).values():
+        for record in store.records().values():  # pruned checkpoints (--keep-checkpoints) leave their record
+            for ids in record["consumed"].values():
                 trained.update(ids)
-            dropped.update(state.get("dropped", {}))
+            dropped.update(record["dropped"])
         latest = store.latest() or {}
         trainer = {"checkpoints": len(steps), "final_step": latest.get("step", 0),
                    "final_policy_version": latest.get("policy_version", 0)}

@@ -13,10 +13,27 @@ from urllib.parse import urlparse
 
 from minio import Minio
 from minio.deleteobjects import DeleteObject
-from minio.error import S3Error
+from minio.error import MinioException, S3Error
+from urllib3.exceptions import HTTPError
 
 from rollstream.errors import StorageError
 from rollstream.settings import ConnectionSettings
+
+# What the client raises: S3 error replies, bad responses, and the network (urllib3 raises
+# MaxRetryError, not an OSError, once the server has refused its connections a few times).
+CLIENT_ERRORS = (MinioException, HTTPError, OSError)
+# S3 error codes that a later attempt may not get.
+TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+                             "RequestTimeTooSkewed"})
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failed S3 call is worth retrying: the network or the server's fault, not a refusal."""
+    cause = exc.__cause__ if isinstance(exc, StorageError) and exc.__cause__ is not None else exc
+    if isinstance(cause, S3Error):
+        status = cause.response.status if cause.response is not None else 0
+        return status >= 500 or status == 429 or cause.code in TRANSIENT_CODES
+    return isinstance(cause, CLIENT_ERRORS)
 
 
 @dataclass(frozen=True)
@@ -59,14 +76,14 @@ class ObjectStore:
         try:
             if not self.client.bucket_exists(bucket):
                 self.client.make_bucket(bucket)
-        except (S3Error, OSError) as exc:
+        except CLIENT_ERRORS as exc:
             raise self._fail(f"creating bucket '{bucket}'", exc) from exc
 
     def put_bytes(self, uri: str | S3Uri, data: bytes, content_type: str = "application/octet-stream") -> None:
         loc = uri if isinstance(uri, S3Uri) else S3Uri.parse(uri)
         try:
             self.client.put_object(loc.bucket, loc.key, io.BytesIO(data), len(data), content_type=content_type)
-        except (S3Error, OSError) as exc:
+        except CLIENT_ERRORS as exc:
             raise self._fail(f"writing {loc}", exc) from exc
 
     def get_bytes(self, uri: str | S3Uri) -> bytes:
@@ -78,7 +95,7 @@ class ObjectStore:
             finally:
                 resp.close()
                 resp.release_conn()
-        except (S3Error, OSError) as exc:
+        except CLIENT_ERRORS as exc:
             raise self._fail(f"reading {loc}", exc) from exc
 
     def list_objects(self, uri: str | S3Uri, recursive: bool = True) -> list[str]:
@@ -87,7 +104,7 @@ class ObjectStore:
         try:
             objs = self.client.list_objects(loc.bucket, prefix=loc.key or None, recursive=recursive)
             return sorted(str(S3Uri(loc.bucket, o.object_name)) for o in objs if o.object_name)
-        except (S3Error, OSError) as exc:
+        except CLIENT_ERRORS as exc:
             raise self._fail(f"listing {loc}", exc) from exc
 
     def delete(self, uris: list[str]) -> None:
@@ -98,22 +115,26 @@ class ObjectStore:
         for bucket, keys in by_bucket.items():
             try:
                 errors = list(self.client.remove_objects(bucket, (DeleteObject(k) for k in keys)))
-            except (S3Error, OSError) as exc:
+            except CLIENT_ERRORS as exc:
                 raise self._fail(f"deleting {len(keys)} objects in bucket '{bucket}'", exc) from exc
             if errors:
                 raise StorageError(f"deleting in bucket '{bucket}' on {self.settings.s3_endpoint} failed: "
                                    + "; ".join(f"{e.name}: {e.message}" for e in errors[:5]))
 
+    def upload_file(self, path: Path, uri: str | S3Uri) -> None:
+        dest = uri if isinstance(uri, S3Uri) else S3Uri.parse(uri)
+        try:
+            self.client.fput_object(dest.bucket, dest.key, str(path))
+        except CLIENT_ERRORS as exc:
+            raise self._fail(f"uploading {path} to {dest}", exc) from exc
+
     def upload_dir(self, local: Path, uri: str | S3Uri) -> list[str]:
         """Upload every file under ``local`` below ``uri``; returns the URIs written."""
         loc = uri if isinstance(uri, S3Uri) else S3Uri.parse(uri)
         written = []
-        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        for path in files_under(local):
             dest = loc.child(path.relative_to(local).as_posix())
-            try:
-                self.client.fput_object(dest.bucket, dest.key, str(path))
-            except (S3Error, OSError) as exc:
-                raise self._fail(f"uploading {path} to {dest}", exc) from exc
+            self.upload_file(path, dest)
             written.append(str(dest))
         return written
 
@@ -127,9 +148,14 @@ class ObjectStore:
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
                 self.client.fget_object(loc.bucket, key, str(dest))
-            except (S3Error, OSError) as exc:
+            except CLIENT_ERRORS as exc:
                 raise self._fail(f"downloading {full}", exc) from exc
             paths.append(dest)
         if not paths:
             raise StorageError(f"nothing found under {loc}")
         return paths
+
+
+def files_under(local: Path) -> list[Path]:
+    """The files below a folder, sorted: the order ``upload_dir`` writes them in."""
+    return sorted(p for p in local.rglob("*") if p.is_file())

@@ -66,6 +66,8 @@ class TrainConfig:
     checkpoint_uri: str = _f("", "Where checkpoints go (default: s3://$ROLLSTREAM_S3_BUCKET/<policy>).")
     max_steps: int = _f(0, "Stop after this many steps in total (0: run until stopped).")
     idle_exit_s: float = _f(0.0, "Stop when no transition arrived for this many seconds (0: wait forever).")
+    retry_s: float = _f(300.0, "Retry S3 writes and MLflow calls this many seconds in all (backoff from 0.5 s to "
+                        "30 s) before giving up on one; a checkpoint not written by then stops the trainer.")
     consumer_group: str = _f("", "Kafka consumer group (default: rollstream-trainer-<policy>).")
     dedup_window: int = _f(100_000, "Transition ids remembered (and checkpointed) to drop duplicates.")
     mlflow: bool = _f(True, "Log the run to MLflow and register each checkpoint in its Model Registry.")
@@ -123,6 +125,8 @@ class TrainConfig:
             raise ConfigError("--alias latest is reserved by MLflow's Model Registry; use another name, e.g. current")
         if self.max_steps < 0 or self.idle_exit_s < 0 or self.group_timeout_s <= 0 or self.batch_timeout_s <= 0:
             raise ConfigError("--max-steps and --idle-exit-s must be >= 0; the timeouts must be positive")
+        if self.retry_s < 0:
+            raise ConfigError("--retry-s must be >= 0 (0: one attempt, no retries)")
         if self.dedup_window < 1:
             raise ConfigError("--dedup-window must be at least 1")
 

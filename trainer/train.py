@@ -12,6 +12,8 @@ The loop, top to bottom:
 4. Every ``checkpoint_every`` steps: write the checkpoint to S3 (meta.json last), commit the resume
    offsets to the consumer group, register the checkpoint as a new MLflow model version and move
    the alias, and publish a PolicyUpdate (``checkpoint.py``). Each checkpoint is a new policy version.
+   S3 and MLflow calls are retried with backoff for ``--retry-s``; the PolicyUpdate goes out only
+   once meta.json is written, after every other file (without a registry version if MLflow is down).
 
 Past one GPU, run it under torchrun (``torchrun --nproc-per-node N -m rollstream.trainer.train …``).
 Rank 0 is the only Kafka consumer: it forms each batch and broadcasts it, and every rank trains on
@@ -46,7 +48,7 @@ import torch.distributed as dist
 from rollstream.schemas.codec import EventCodec, registry_client
 from rollstream.schemas.topics import Topics
 from rollstream.trainer.batches import Batch, TransitionReader
-from rollstream.trainer.checkpoint import OPTIMIZER, STATE, CheckpointStore, Tracker, announce, prune, step_dir
+from rollstream.trainer.checkpoint import OPTIMIZER, STATE, CheckpointStore, Retry, Tracker, announce, prune, step_dir
 from rollstream.trainer.config import TrainConfig, parse_config
 from rollstream.trainer.loss import LossStats, advantages, pack, policy_loss, token_logprobs
 from rollstream.trainer.model import load_policy, load_reference, local_model_dir, save_weights
@@ -105,10 +107,11 @@ def train(config: TrainConfig, connection: ConnectionSettings | None = None,
         signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the step, checkpoint, exit
 
     # 1. Resume point: the latest complete checkpoint, if any.
+    retry = Retry(config.retry_s)
     ckpts = CheckpointStore(ObjectStore(connection),
-                            config.checkpoint_uri or f"s3://{connection.s3_bucket}/{config.policy}")
+                            config.checkpoint_uri or f"s3://{connection.s3_bucket}/{config.policy}", retry)
     if rank == 0:
-        ckpts.store.ensure_bucket(ckpts.root.bucket)
+        ckpts.ensure_bucket()
     meta: dict[str, Any] | None = broadcast(ckpts.latest() if rank == 0 else None, world)
     workdir = Path(tempfile.mkdtemp(prefix="rollstream-train-"))
     base_dir = local_model_dir(config.model, connection, workdir)
@@ -146,7 +149,7 @@ def train(config: TrainConfig, connection: ConnectionSettings | None = None,
         reader = TransitionReader(config, connection, codec, offsets,
                                   (meta or {}).get("trained_above", []), state.get("seen", []))
         if config.mlflow:
-            tracker = Tracker(config, connection.mlflow_tracking_uri, (meta or {}).get("mlflow_run_id"))
+            tracker = Tracker(config, connection.mlflow_tracking_uri, (meta or {}).get("mlflow_run_id"), retry)
             result.run_id = tracker.run_id
         if config.publish:
             producer = EventProducer(codec, connection)
@@ -157,8 +160,14 @@ def train(config: TrainConfig, connection: ConnectionSettings | None = None,
     loop_started, paused = 0.0, 0.0  # the stepping phase's start, and time spent checkpointing within it
 
     def publish(ck_step: int, ck_version: int, uri: str) -> None:
+        """Register and announce a checkpoint that is on S3 in full (its meta.json, written last, is there)."""
         started = time.perf_counter()
-        mv = tracker.register(uri, ck_step, ck_version) if tracker else None
+        mv = None
+        if tracker is not None:
+            try:
+                mv = tracker.register(uri, ck_step, ck_version)
+            except TrainerError as exc:  # serving needs the weights, not the registry: announce them anyway
+                log.error("%s; announcing %s without a registry version", exc, uri)
         if producer is not None:
             result.events.append(announce(producer, topics, config, ck_version, ck_step, uri, mv, config.model))
         result.timings.setdefault("publish_s", []).append(time.perf_counter() - started)
