@@ -9,7 +9,11 @@ work, at spaced moments, it
    its newest checkpoint, replaying the steps after it);
 3. kills the gateway with ``kill -9`` and starts it again on the same port (calls under way fail: the
    agents retry the rollout API for a while and abandon a rollout whose model call failed);
-4. stops the Kafka broker and starts it again (``Stack.restart``: same ports, same data folder).
+4. kills the Kafka broker with ``kill -9`` and starts it again (``Stack.restart``: same ports, same data folder);
+5. kills the schema registry with ``kill -9`` and starts it again (its schemas and ids are on disk);
+6. stops the S3 server for ``--outage-s`` seconds while the trainer checkpoints (it retries with backoff,
+   and publishes no policy update for a checkpoint that is not completely written);
+7. stops the MLflow server for ``--outage-s`` seconds likewise.
 
 Each fault waits for the loop to have recovered from the one before: a new trainer step, a new
 rollout finished by the agents and a new transition from the processor. A child that exits on its
@@ -33,8 +37,8 @@ Kafka, whatever became of the rest; when one of its transitions was never traine
 when a completed rollout has a call without a transition; or when it is still open. A transition
 id in more than one trainer step is trained twice.
 
-    .venv/bin/python bench/faults.py            # 6 minutes of agents, every fault twice (about 9 in all)
-    .venv/bin/python bench/faults.py --quick    # 2.5 minutes of agents, every fault once (about 5 in all)
+    .venv/bin/python bench/faults.py            # 10 minutes of agents, every fault twice (about 16 in all)
+    .venv/bin/python bench/faults.py --quick    # 5 minutes of agents, every fault once (about 9 in all)
     .venv/bin/python bench/faults.py --quick --faults processor,trainer,broker
 
 It needs the local stack (``rollstream stack up``; it is started if it is not) and restarts its broker.
@@ -76,20 +80,22 @@ from rollstream.storage import ObjectStore
 
 log = logging.getLogger("faults")
 
-FAULTS = ("processor", "trainer", "gateway", "broker")
+FAULTS = ("processor", "trainer", "gateway", "broker", "registry", "s3", "mlflow")
+OUTAGES = {"s3": "s3", "mlflow": "mlflow"}  # fault -> stack service stopped for --outage-s
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2.5 minutes of agents, every fault once")
-    p.add_argument("--minutes", type=float, default=6.0, help="minutes the agents work (faults happen meanwhile)")
+    p.add_argument("--quick", action="store_true", help="5 minutes of agents, every fault once")
+    p.add_argument("--minutes", type=float, default=10.0, help="minutes the agents work (faults happen meanwhile)")
     p.add_argument("--rounds", type=int, default=2, help="times each fault is injected")
     add_loop_arguments(p)
     p.add_argument("--faults", default=",".join(FAULTS), help="which faults, in this order (comma-separated)")
     p.add_argument("--expire-after", type=float, default=60.0,
                    help="seconds after which the processor expires an unfinished rollout (PROCESS_EXPIRE_AFTER)")
-    p.add_argument("--broker-down-s", type=float, default=5.0, help="seconds the broker stays stopped")
+    p.add_argument("--broker-down-s", type=float, default=5.0, help="seconds the broker stays down after its kill -9")
+    p.add_argument("--outage-s", type=float, default=60.0, help="seconds the S3 and MLflow servers stay stopped")
     p.add_argument("--recovery-timeout", type=float, default=120.0,
                    help="seconds a fault may take to recover before the next one is injected anyway")
     p.add_argument("--policy", default="calc-faults", help="policy name (also the MLflow registered model)")
@@ -180,10 +186,21 @@ class FaultRun:
         assert self.loop is not None
         fault = Fault(kind, round(time.monotonic() - self.t0, 1))
         if kind == "broker":
-            self.say(f"[red]fault[/]: stopping the Kafka broker ({self.stack.kafka.url}) "
-                     f"for {self.args.broker_down_s:.0f} s")
-            down = self.stack.restart("kafka", down_s=self.args.broker_down_s)
-            fault.detail = f"broker stopped and started again: down {down:.1f} s until healthy"
+            self.say(f"[red]fault[/]: kill -9 of the Kafka broker ({self.stack.kafka.url}), "
+                     f"down for {self.args.broker_down_s:.0f} s")
+            down = self.stack.restart("kafka", down_s=self.args.broker_down_s, kill=True)
+            fault.detail = f"broker killed (-9) and started again: down {down:.1f} s until healthy"
+        elif kind == "registry":
+            down = self.stack.restart("registry", kill=True)
+            fault.detail = f"schema registry killed (-9) and started again: down {down:.1f} s until healthy"
+        elif kind in OUTAGES:
+            service = OUTAGES[kind]
+            step = self.loop.trainer.step
+            self.say(f"[red]fault[/]: stopping the {service} server for {self.args.outage_s:.0f} s "
+                     f"at trainer step {step}")
+            down = self.stack.restart(service, down_s=self.args.outage_s)
+            fault.detail = (f"{service} server stopped at trainer step {step}, back after {down:.1f} s "
+                            f"(trainer step {self.loop.trainer.step} then)")
         else:
             child = self.loop.child(kind)
             pid, step = child.process.pid, self.loop.trainer.step
@@ -625,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         build_parser().error(f"unknown fault(s) {', '.join(unknown)}; choose from {', '.join(FAULTS)}")
     if args.quick:
-        args.minutes, args.rounds = min(args.minutes, 2.5), 1
+        args.minutes, args.rounds = min(args.minutes, 5.0), 1
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)
