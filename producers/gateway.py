@@ -86,6 +86,7 @@ class GatewaySettings:
     queue_max: int = field(default_factory=lambda: env_int("GATEWAY_QUEUE_MAX"))
     on_full: OnFull = field(default_factory=lambda: cast(OnFull, env("GATEWAY_ON_FULL")))
     max_body: int = field(default_factory=lambda: env_int("GATEWAY_MAX_BODY"))
+    body_timeout: float = field(default_factory=lambda: env_float("GATEWAY_BODY_TIMEOUT"))
     acks: Acks = field(default_factory=lambda: cast(Acks, env("GATEWAY_ACKS")))
     ack_timeout: float = field(default_factory=lambda: env_float("GATEWAY_ACK_TIMEOUT"))
 
@@ -96,9 +97,10 @@ class GatewaySettings:
             )
         if self.acks not in get_args(Acks):
             raise ConfigError(f"ROLLSTREAM_GATEWAY_ACKS={self.acks!r}: use one of {', '.join(get_args(Acks))}")
-        if not self.ack_timeout > 0:
-            raise ConfigError(f"ROLLSTREAM_GATEWAY_ACK_TIMEOUT must be a positive number of seconds, "
-                              f"got {self.ack_timeout}")
+        for name in ("ack_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"ROLLSTREAM_GATEWAY_{name.upper()} must be a positive number of seconds, "
+                                  f"got {getattr(self, name)}")
         for name in ("queue_max", "backend_timeout", "backend_connections", "max_body"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ROLLSTREAM_GATEWAY_{name.upper()} must be at least 1")
@@ -118,14 +120,25 @@ def endpoint_label(path: str) -> str:
 
 
 def parse_attribution(path: str, scope: Scope) -> tuple[str, Attribution | None]:
-    """Split ``/rollouts/{id}[/attempts/{n}][/agents/{name}]/v1/...`` into ``/v1/...`` and who called."""
+    """Split ``/rollouts/{id}[/attempts/{n}][/agents/{name}]/v1/...`` into ``/v1/...`` and who called.
+
+    An empty rollout id (``X-Rollout-Id:`` with no value, or ``/rollouts//v1/...``) is a 400: it is a
+    client that meant to attribute its call and lost the id on the way, and serving it as an
+    unattributed call would drop its events without a word."""
     rollout_id = header(scope, b"x-rollout-id")
+    if rollout_id is not None and not rollout_id.strip():
+        raise HttpError(400, "the X-Rollout-Id header is empty: send the rollout's id (from POST /v1/rollouts), "
+                             "or leave the header out for a call that belongs to no rollout",
+                        param="X-Rollout-Id", code="empty_rollout_id")
     attempt_text = header(scope, b"x-attempt")
     agent = header(scope, b"x-agent-name")
     if path.startswith("/rollouts/"):
         parts = path.split("/")  # ['', 'rollouts', id, ...]
         rest = parts[3:]
         rollout_id = parts[2]
+        if not rollout_id.strip():
+            raise HttpError(400, f"the rollout id in the path {path!r} is empty: use /rollouts/{{rollout_id}}/v1/...",
+                            param="rollout_id", code="empty_rollout_id")
         while len(rest) >= 2 and rest[0] in ("attempts", "agents"):
             if rest[0] == "attempts":
                 attempt_text = attempt_text or rest[1]
@@ -163,7 +176,7 @@ class Gateway:
             backend_api_key=settings.backend_api_key, timeout=float(settings.backend_timeout),
             connections=settings.backend_connections, on_full=settings.on_full, policy=settings.policy,
             policy_version=settings.policy_version, max_body=settings.max_body, acks=settings.acks,
-            ack_timeout=settings.ack_timeout,
+            ack_timeout=settings.ack_timeout, body_timeout=settings.body_timeout,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -198,7 +211,7 @@ class Gateway:
             await self._route(scope, receive, tracked_send)
         except HttpError as exc:
             status = exc.status
-            await respond(send, exc.status, exc.body())
+            await exc.send(send)
         except Exception:
             log.exception("unexpected error serving %s %s", scope["method"], scope["path"])
             await respond(send, 500, HttpError(500, "internal gateway error").body())
@@ -246,7 +259,7 @@ class Gateway:
             raise HttpError(404, f"no route {method} {path}; see POST /v1/rollouts, /v1/rollouts/{{id}}/finish "
                                  "and /v1/rollouts/{id}/rewards")
         self._authorize(scope, "rewards")
-        body = parse_json_object(await read_body(receive, self.settings.max_body))
+        body = parse_json_object(await read_body(receive, self.settings.max_body, self.settings.body_timeout))
         policy = self.settings.policy or "default"
         if len(parts) == 3:
             record = api.start_rollout(body, SOURCE, policy)
@@ -317,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer once Kafka acknowledged the request's events (kafka) or once they are queued")
     p.add_argument("--ack-timeout", type=float,
                    help="seconds to wait for Kafka's acknowledgement (ROLLSTREAM_GATEWAY_ACK_TIMEOUT)")
+    p.add_argument("--body-timeout", type=float,
+                   help="seconds to wait for more of a request body (408 past it; ROLLSTREAM_GATEWAY_BODY_TIMEOUT)")
     p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers (ROLLSTREAM_KAFKA_BOOTSTRAP)")
     p.add_argument("--schema-registry-url", help="schema registry URL (ROLLSTREAM_SCHEMA_REGISTRY_URL)")
     p.add_argument("--topic-prefix", help="topic prefix (ROLLSTREAM_TOPIC_PREFIX)")
@@ -340,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = GatewaySettings(**_overrides(args, [
             "host", "port", "backend_url", "policy", "policy_version", "queue_max", "on_full", "backend_timeout",
-            "acks", "ack_timeout"]))
+            "acks", "ack_timeout", "body_timeout"]))
         conn = dataclasses.replace(ConnectionSettings(), **_overrides(
             args, ["kafka_bootstrap", "schema_registry_url", "topic_prefix"]))
         guard_unauthenticated(KeyRing.from_text(settings.api_keys), settings.host, "gateway",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -16,6 +17,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
+# An answer that leaves part of the request unread: what arrives next on the connection is that
+# request's rest, not a new request, so the server closes it once answered.
+CLOSE = [(b"connection", b"close")]
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -23,6 +27,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
     502: "backend_error",
@@ -35,16 +40,21 @@ class HttpError(GatewayError):
     """A request the gateway answers with an error status and an OpenAI-style JSON body."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.extra = extra
+        self.headers = headers or []
 
     def body(self) -> bytes:
         return error_body(self.status, self.message, self.param, self.code, self.extra)
+
+    async def send(self, send: Send) -> None:
+        """Answer with this error (JSON body, and the headers it was raised with)."""
+        await respond(send, self.status, self.body(), [*JSON_HEADERS, *self.headers])
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -58,12 +68,22 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
         return json.dumps(error).encode()
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """The whole request body; 413 past ``limit`` bytes."""
+async def read_body(receive: Receive, limit: int, timeout: float | None = None) -> bytes:
+    """The whole request body; 413 past ``limit`` bytes, 408 when ``timeout`` seconds pass with nothing
+    more of it arriving (a client that announced more than it sends, or stalled).
+
+    The timeout is between reads, not for the whole body (as nginx's ``client_body_timeout``), so a
+    large body on a slow but moving link is not cut off."""
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
+        try:
+            message = await asyncio.wait_for(receive(), timeout)
+        except TimeoutError:
+            raise HttpError(
+                408, f"the request body stopped arriving: nothing more came for {timeout:g} s after {size} bytes "
+                     "(ROLLSTREAM_GATEWAY_BODY_TIMEOUT); send the whole body the Content-Length header announces",
+                code="body_timeout", headers=CLOSE) from None
         if message["type"] == "http.disconnect":
             raise HttpError(400, "client disconnected before sending the whole body")
         chunk = message.get("body", b"")

@@ -124,6 +124,7 @@ class ModelProxy:
         max_body: int = 32 * 1024 * 1024,
         acks: Acks = "kafka",
         ack_timeout: float = 10.0,
+        body_timeout: float = 30.0,
     ) -> None:
         self.backend_url = backend_url.rstrip("/")
         self.publisher = publisher
@@ -137,6 +138,7 @@ class ModelProxy:
         self.max_body = max_body
         self.acks = acks
         self.ack_timeout = ack_timeout
+        self.body_timeout = body_timeout
         self.tracker = RolloutTracker()
         self.headers = {"Content-Type": "application/json"}
         if backend_api_key:
@@ -213,7 +215,7 @@ class ModelProxy:
             await respond(send, passed.status, passed.body, [(b"content-type", passed.content_type)])
 
     async def _handle(self, endpoint: Endpoint, receive: Receive, send: Send, who: Attribution | None) -> None:
-        raw = await read_body(receive, self.max_body)
+        raw = await read_body(receive, self.max_body, self.body_timeout)
         suffix = "/chat/completions" if endpoint == "CHAT_COMPLETIONS" else "/completions"
         if who is None:
             self.metrics.unattributed.inc()

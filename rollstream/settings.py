@@ -129,6 +129,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "GATEWAY_QUEUE_MAX": ("100000", "Events the gateway holds in memory while Kafka is slow or down."),
     "GATEWAY_ON_FULL": ("reject", "When the event queue is full: reject (503) or serve-and-count (drop the event)."),
     "GATEWAY_MAX_BODY": ("33554432", "Largest request body the gateway accepts, in bytes (413 past it)."),
+    "GATEWAY_BODY_TIMEOUT": (
+        "30",
+        "Seconds the gateway waits for more of a request body (one that stalls or is shorter than its "
+        "Content-Length); 408 past it.",
+    ),
     "GATEWAY_ACKS": (
         "kafka",
         "When the gateway answers: kafka (once Kafka acknowledged the request's events) or queued (lower latency).",

@@ -225,6 +225,85 @@ def test_attribution_from_path_and_headers() -> None:
         parse_attribution("/v1/completions", scope(X_Rollout_Id="r", X_Attempt="zero"))
 
 
+def test_empty_rollout_ids_are_refused_naming_them_and_nothing_is_published() -> None:
+    async def test(client: httpx.AsyncClient, app: Gateway) -> None:
+        for path, headers, param in (
+            ("/v1/chat/completions", {"X-Rollout-Id": ""}, "X-Rollout-Id"),
+            ("/v1/chat/completions", {"X-Rollout-Id": "   "}, "X-Rollout-Id"),
+            ("/rollouts/r-1/v1/chat/completions", {"X-Rollout-Id": ""}, "X-Rollout-Id"),
+            ("/rollouts//v1/chat/completions", {}, "rollout_id"),
+            ("/rollouts//attempts/2/v1/chat/completions", {}, "rollout_id"),
+        ):
+            r = await client.post(path, json=CHAT, headers=headers)
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["param"] == param and error["code"] == "empty_rollout_id", path
+            assert "empty" in error["message"] and (param in error["message"] or path in error["message"])
+        # The canned backend answers, so a call served as unattributed would have been a 200.
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        metrics = (await client.get("/metrics")).text
+        assert "rollstream_gateway_unattributed_calls_total 1.0" in metrics  # only the call without a header
+        assert 'rollstream_gateway_requests_total{endpoint="chat_completions",status="400"} 5.0' in metrics
+
+    assert sent(run(test, backend=True)) == []
+
+
+def test_empty_rollout_id_is_only_explained_to_callers_with_a_key() -> None:
+    async def test(client: httpx.AsyncClient, app: Gateway) -> None:
+        r = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Rollout-Id": ""})
+        assert r.status_code == 401
+        r = await client.post("/v1/chat/completions", json=CHAT,
+                              headers={"X-Rollout-Id": "", "Authorization": "Bearer agent-key"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "X-Rollout-Id"
+
+    assert sent(run(test, backend=True, api_keys="agent-key=models")) == []
+
+
+def test_a_body_that_stops_arriving_is_answered_408_and_the_connection_closed() -> None:
+    """A client whose Content-Length promises more than it sends; read against the app directly, since
+    an in-memory transport always delivers whole bodies (the socket case is in test_gateway_integration)."""
+
+    async def call(app: Gateway, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[list[Any], float]:
+        parts = [{"type": "http.request", "body": b'{"value": ', "more_body": True}]
+        stalled = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if parts:
+                return parts.pop(0)
+            await stalled.wait()  # the rest never comes
+            raise AssertionError("unreachable")
+
+        out: list[Any] = []
+
+        async def send(message: Any) -> None:
+            out.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+        started = time.monotonic()
+        await app(scope, receive, send)
+        return out, time.monotonic() - started
+
+    async def go() -> Gateway:
+        app = Gateway(GatewaySettings(backend_url=DEAD_BACKEND, body_timeout=0.2), RecordingPublisher(), TOPICS)
+        await app.proxy.start()
+        try:
+            for path, headers in (("/v1/rollouts/r-1/rewards", []),
+                                  ("/v1/chat/completions", [(b"x-rollout-id", b"r-1")]),
+                                  ("/v1/chat/completions", [])):
+                out, took = await call(app, path, [(b"content-length", b"100"), *headers])
+                assert 0.2 <= took < 5, path
+                start, body = out
+                assert start["status"] == 408 and (b"connection", b"close") in start["headers"], path
+                error = orjson.loads(body["body"])["error"]
+                assert error["code"] == "body_timeout" and "ROLLSTREAM_GATEWAY_BODY_TIMEOUT" in error["message"]
+                assert "nothing more came for 0.2 s after 10 bytes" in error["message"]
+            assert 'endpoint="rewards",status="408"} 1.0' in app.metrics.render().decode()
+        finally:
+            await app.proxy.stop()
+        return app
+
+    assert sent(asyncio.run(go())) == []
+
+
 def test_settings_and_loopback_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="ROLLSTREAM_GATEWAY_ON_FULL"):
         GatewaySettings(on_full="drop")  # type: ignore[arg-type]
@@ -232,6 +311,12 @@ def test_settings_and_loopback_rule(monkeypatch: pytest.MonkeyPatch) -> None:
         GatewaySettings(acks="maybe")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="ACK_TIMEOUT"):
         GatewaySettings(ack_timeout=0)
+    with pytest.raises(ConfigError, match="ROLLSTREAM_GATEWAY_BODY_TIMEOUT must be a positive"):
+        GatewaySettings(body_timeout=0)
+    monkeypatch.setenv("ROLLSTREAM_GATEWAY_BODY_TIMEOUT", "2.5")
+    assert GatewaySettings().body_timeout == 2.5
+    monkeypatch.delenv("ROLLSTREAM_GATEWAY_BODY_TIMEOUT")
+    assert GatewaySettings().body_timeout == 30.0
     assert (GatewaySettings().acks, GatewaySettings().ack_timeout) == ("kafka", 10.0)
     monkeypatch.setenv("ROLLSTREAM_GATEWAY_QUEUE_MAX", "0")
     with pytest.raises(ConfigError, match="QUEUE_MAX"):

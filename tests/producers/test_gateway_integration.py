@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
 import os
 import signal
@@ -350,3 +351,69 @@ def wait(check: Callable[[], bool], timeout: float, message: str) -> None:
     while not check():
         assert time.monotonic() < deadline, message
         time.sleep(0.5)
+
+
+def raw_exchange(port: int, request: bytes, hang_up: bool = False) -> tuple[int, dict[str, str], bytes, float]:
+    """Send ``request`` as is on a fresh socket and read one answer: status, headers, body and seconds
+    taken; ``headers["closed"]`` says whether the gateway then closed the connection. With ``hang_up``
+    the client closes its side at once and reads nothing."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        if hang_up:
+            return 0, {}, b"", 0.0
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        body = resp.read()
+        closed = sock.recv(1) == b""  # the gateway closes the connection after a 408
+        took = time.monotonic() - started
+    headers = {k.lower(): v for k, v in resp.getheaders()}
+    return resp.status, {**headers, "closed": str(closed)}, body, took
+
+
+def short_body(path: str, headers: str = "") -> bytes:
+    """A POST whose Content-Length announces 100 bytes, of which 10 are sent."""
+    return (f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
+            f"{headers}\r\n").encode() + b'{"value": '
+
+
+def test_a_body_shorter_than_its_content_length_is_answered_408_after_the_body_timeout(
+    topics_factory: Callable[..., Topics], settings: ConnectionSettings,
+    gateway_factory: Callable[..., GatewayProcess],
+) -> None:
+    topics = topics_factory()
+    gw = gateway_factory("http://127.0.0.1:9/v1", topics, env={"ROLLSTREAM_GATEWAY_BODY_TIMEOUT": "0.5"})
+    for path, extra in (("/v1/rollouts/r-1/rewards", ""), ("/rollouts/r-1/v1/chat/completions", ""),
+                        ("/v1/chat/completions", "X-Rollout-Id: r-1\r\n"), ("/v1/chat/completions", "")):
+        status, headers, body, took = raw_exchange(gw.port, short_body(path, extra))
+        error = json.loads(body)["error"]
+        assert status == 408 and error["code"] == "body_timeout", (path, body)
+        assert "nothing more came for 0.5 s after 10 bytes (ROLLSTREAM_GATEWAY_BODY_TIMEOUT)" in error["message"]
+        assert (headers["connection"], headers["closed"]) == ("close", "True") and 0.5 <= took < 10, (path, took)
+    # A client that gives up before the timeout: the gateway closes its side and goes on serving.
+    raw_exchange(gw.port, short_body("/v1/rollouts/r-1/rewards"), hang_up=True)
+    time.sleep(1)
+    assert gw.post("/v1/rollouts/r-2/rewards", {"value": 1.0})[0] == 200
+    assert gw.metric('rollstream_gateway_requests_total{endpoint="rewards",status="408"}') == 1
+    assert gw.metric('rollstream_gateway_requests_total{endpoint="chat_completions",status="408"}') == 3
+    assert gw.proc.poll() is None and "unexpected error" not in gw.log.read_text()
+    # Nothing of the cut-off requests was recorded: only the one whole reward is in Kafka.
+    assert (in_kafka(settings, topics, topics.calls), in_kafka(settings, topics, topics.rewards)) == (0, 1)
+
+
+def test_an_empty_rollout_id_is_400_naming_it_and_nothing_is_published(
+    topics_factory: Callable[..., Topics], settings: ConnectionSettings,
+    gateway_factory: Callable[..., GatewayProcess],
+) -> None:
+    topics = topics_factory()
+    gw = gateway_factory("http://127.0.0.1:9/v1", topics)  # a call served unattributed would be a 502
+    chat = {"model": "m", "messages": CHAT}
+    status, error = gw.post("/v1/chat/completions", chat, headers={"X-Rollout-Id": ""})
+    assert status == 400 and error["error"]["param"] == "X-Rollout-Id", error
+    assert "X-Rollout-Id header is empty" in error["error"]["message"]
+    status, _, body, _ = raw_exchange(gw.port, b"POST /rollouts//v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+                                                b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+    assert status == 400 and json.loads(body)["error"]["param"] == "rollout_id", body
+    assert gw.metric("rollstream_gateway_unattributed_calls_total") == 0
+    assert gw.metric("rollstream_gateway_events_enqueued_total") == 0
+    assert in_kafka(settings, topics, topics.calls) == 0
