@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 MARKER = "rollstream-tiny.json"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
-# ChatML, as Qwen models use it; tools are listed in the system turn, tool calls of
-# earlier assistant turns are rendered back as <tool_call> blocks.
+# ChatML with Hermes-style tool calls, as Qwen2.5 renders them: tools are listed in the system turn;
+# an assistant turn's tool calls follow its text as <tool_call>{"name": ..., "arguments": {...}}</tool_call>
+# blocks (arguments given as a JSON string are written as they are, an object as JSON), which is also
+# the format the server's "hermes" tool-call parser reads back from the model's output.
 CHAT_TEMPLATE = (
     "{%- if tools %}"
     "{{- '<|im_start|>system\\n' }}"
@@ -37,7 +39,11 @@ CHAT_TEMPLATE = (
     "{%- if not (tools and loop.first and message.role == 'system') %}"
     "{{- '<|im_start|>' + message.role + '\\n' + (message.content or '') }}"
     "{%- if message.tool_calls %}{%- for call in message.tool_calls %}"
-    "{{- '\\n<tool_call>\\n' + (call.function | tojson) + '\\n</tool_call>' }}"
+    "{%- set fn = call.function if call.function is defined else call %}"
+    "{%- if message.content or not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + fn.name + '\", \"arguments\": ' }}"
+    "{{- fn.arguments if fn.arguments is string else fn.arguments | tojson }}"
+    "{{- '}\\n</tool_call>' }}"
     "{%- endfor %}{%- endif %}"
     "{{- '<|im_end|>\\n' }}"
     "{%- endif %}"
