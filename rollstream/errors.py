@@ -54,6 +54,10 @@ class InvalidRequestError(ServeError):
         self.status = status
 
 
+class GrammarError(ServeError):
+    """A grammar or JSON schema for constrained decoding does not compile for the served tokenizer."""
+
+
 class ProducerError(RollstreamError):
     """The SDK or the OTLP receiver could not record or publish an event."""
 

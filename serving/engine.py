@@ -9,6 +9,13 @@ their own and their KV cache is left-padded onto the running one.
 Logprobs are ``log_softmax`` of the model's raw logits, before temperature and top_p:
 the behaviour policy's own distribution, which is what importance-weighted policy
 gradients need. The logprob of every sampled token is always computed.
+
+A row may be constrained by a grammar (``SamplingParams.grammar``: tool calls, JSON): before
+sampling, the tokens its matcher forbids are masked out of that row's logits, and each sampled
+token is fed to the matcher; the row ends ("stop") once the grammar is complete and admits no
+more, or on an end token it allows. The reported logprobs stay those of the unmasked model: the
+trainer recomputes logprobs with the unconstrained model, and the two must agree. A batch without
+a constrained row does no mask work.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import torch
+from rollstream.serving.grammar import Grammars
 from rollstream.serving.text import Detokenizer
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
@@ -38,6 +46,7 @@ class SamplingParams:
     seed: int | None = None  # same seed, same output
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0  # alternatives reported per token
+    grammar: str | None = None  # llguidance grammar the output must follow (see serving.grammar)
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     cancelled: bool = False  # set from another thread: stop at the next step
     detok: Detokenizer | None = None
+    matcher: Any = None  # llguidance.LLMatcher of params.grammar
 
     @property
     def finished(self) -> bool:
@@ -112,6 +122,7 @@ class Engine:
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         # Merging caches needs plain full-attention layers; other caches decode in fixed batches.
         self.can_merge = all(type(layer) is DynamicLayer for layer in self._new_cache().layers)
+        self.grammars = Grammars(tokenizer, self.stop_ids)
 
     def _new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
@@ -124,7 +135,8 @@ class Engine:
         else:
             gen.manual_seed(params.seed)
         detok = Detokenizer(self.tokenizer, params.stop)
-        return Sequence(list(prompt_ids), params, index, sink, gen, detok=detok)
+        matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
+        return Sequence(list(prompt_ids), params, index, sink, gen, detok=detok, matcher=matcher)
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> Batch:
@@ -157,6 +169,9 @@ class Engine:
     def _advance(self, batch: Batch, logits: torch.Tensor) -> None:
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
+        constrained = [i for i, s in enumerate(batch.seqs) if s.matcher is not None and not s.finished]
+        if constrained:
+            logits = self.grammars.mask(logits, constrained, [batch.seqs[i].matcher for i in constrained])
         chosen = sample(logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs])
         k = max(s.params.top_logprobs for s in batch.seqs)
         top_vals, top_ids = (logprobs.topk(k, dim=-1) if k else (None, None))
@@ -179,7 +194,12 @@ class Engine:
         is_stop_token = token.token_id in self.stop_ids
         text, hit_stop = seq.detok.push(token.token_id, skip=is_stop_token)
         reason: FinishReason | None = None
-        if hit_stop or is_stop_token:
+        grammar_done = False
+        if seq.matcher is not None:
+            if not seq.matcher.consume_token(token.token_id):  # the mask allowed it: a matcher bug
+                log.warning("grammar matcher refused token %d: %s", token.token_id, seq.matcher.get_error())
+            grammar_done = seq.matcher.is_stopped()
+        if hit_stop or is_stop_token or grammar_done:
             reason = "stop"
         elif len(seq.output) >= seq.params.max_tokens or total_len >= self.max_context:
             reason = "length"
