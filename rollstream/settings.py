@@ -113,6 +113,9 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "SERVE_THREADS": ("0", "torch CPU threads of the policy server (0: one per core but one, 1 to 8)."),
     "SERVE_DEVICE": ("auto", "Device the policy server runs on: auto (cuda when present), cpu, cuda, cuda:N."),
     "SERVE_UPDATES": ("1", "Reload on PolicyUpdate events from Kafka (0: serve the start model only)."),
+    "SERVE_MODEL_NAMES": ("", "Other model names the policy server answers to, comma-separated ('*': any name)."),
+    "SERVE_TOOL_CALL_PARSER": ("hermes", "How the policy server reads tool calls out of the output: hermes "
+                                         "(<tool_call> blocks) or none (left as text)."),
     # --- gateway (rollstream gateway) ---
     "GATEWAY_HOST": ("127.0.0.1", "Address the gateway listens on (anything but loopback needs API keys)."),
     "GATEWAY_PORT": ("8080", "Port the gateway listens on."),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
+
+from rollstream.serving.tools import TOOL_CALL_PARSERS, ToolCallParser
 
 from rollstream.errors import ConfigError
 from rollstream.settings import PREFIX, ConnectionSettings, env, env_int
@@ -23,6 +26,11 @@ class ServeSettings:
     threads: int = field(default_factory=lambda: env_int("SERVE_THREADS"))  # 0: one per core but one, 1 to 8
     device: str = field(default_factory=lambda: env("SERVE_DEVICE"))
     updates: bool = field(default_factory=lambda: env("SERVE_UPDATES") not in ("0", "false", "no", ""))
+    # Other names the server answers to ("*": any); responses still name the policy.
+    model_names: tuple[str, ...] = field(
+        default_factory=lambda: tuple(n.strip() for n in env("SERVE_MODEL_NAMES").split(",") if n.strip()))
+    tool_call_parser: ToolCallParser = field(
+        default_factory=lambda: cast(ToolCallParser, env("SERVE_TOOL_CALL_PARSER")))
     connection: ConnectionSettings = field(default_factory=ConnectionSettings)
 
     def __post_init__(self) -> None:
@@ -35,6 +43,9 @@ class ServeSettings:
              f"{PREFIX}SERVE_DEFAULT_MAX_TOKENS must be at least 1, got {self.default_max_tokens}"),
             (self.threads >= 0, f"{PREFIX}SERVE_THREADS must be >= 0 (0: automatic), got {self.threads}"),
             (bool(self.policy), f"{PREFIX}SERVE_POLICY must not be empty"),
+            (self.tool_call_parser in TOOL_CALL_PARSERS,
+             f"{PREFIX}SERVE_TOOL_CALL_PARSER must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+             f"got '{self.tool_call_parser}'"),
         ]
         for ok, message in checks:
             if not ok:

@@ -2,24 +2,46 @@
 
 Beyond OpenAI, as vLLM does: ``return_token_ids: true`` adds ``prompt_token_ids`` and
 per-choice ``token_ids``. Every body carries the ``policy_version`` that generated it.
+
+Chat requests may give ``tools`` with ``tool_choice`` (``none`` leaves the tools out of the
+prompt; ``auto`` parses calls out of the output; ``required`` and a named function constrain
+the output to calls) and ``response_format`` (``json_object``, ``json_schema``: constrained to
+that JSON; with tools in ``auto`` mode, to either calls or that JSON). What cannot be honoured
+is a 400 naming the field, never a silent 200.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from rollstream.serving.engine import Delta, FinishReason, SamplingParams, TokenLogprob
+from rollstream.serving.engine import Delta, Engine, FinishReason, SamplingParams, TokenLogprob
+from rollstream.serving.grammar import output_grammar
 from rollstream.serving.text import token_bytes, token_text
+from rollstream.serving.tools import HermesStream, ToolCall, ToolCallParser, parse_calls, stream_parser
 from transformers import PreTrainedTokenizerBase
 
-from rollstream.errors import InvalidRequestError
+from rollstream.errors import GrammarError, InvalidRequestError
 
 Kind = Literal["chat", "completion"]
 MAX_TOP_LOGPROBS = 20
 MAX_N = 64
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What parsing a request needs from the server's settings."""
+
+    policy: str
+    default_max_tokens: int = 256
+    model_names: tuple[str, ...] = ()  # other names the server answers to; "*": any
+    tool_call_parser: ToolCallParser = "hermes"
+
+    def answers_to(self, model: str) -> bool:
+        return model == self.policy or model in self.model_names or "*" in self.model_names
 
 
 @dataclass(frozen=True)
@@ -33,6 +55,7 @@ class GenerationRequest:
     return_token_ids: bool = False
     logprobs: bool = False
     include_usage: bool | None = None  # stream_options.include_usage as given
+    tool_call_parser: ToolCallParser = "none"  # how tool calls are read out of the output ("none": text)
 
 
 def _get(body: dict[str, Any], name: str, types: type | tuple[type, ...], default: Any = None) -> Any:
@@ -50,14 +73,15 @@ def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
     return types if isinstance(types, tuple) else (types,)
 
 
-def _check_model(body: dict[str, Any], policy: str) -> None:
+def _check_model(body: dict[str, Any], options: ServeOptions) -> None:
     model = body.get("model")
-    if model is not None and model != policy:
-        raise InvalidRequestError(f"model '{model}' does not exist; this server serves '{policy}'", "model", 404)
+    if model is not None and (not isinstance(model, str) or not options.answers_to(model)):
+        raise InvalidRequestError(f"model '{model}' does not exist; this server serves '{options.policy}'",
+                                  "model", 404)
 
 
 def _sampling(body: dict[str, Any], max_tokens_key: tuple[str, ...], default_max_tokens: int,
-              top_logprobs: int) -> tuple[list[SamplingParams], bool]:
+              top_logprobs: int, grammar: str | None = None) -> tuple[list[SamplingParams], bool]:
     n = _get(body, "n", int, 1)
     if not 1 <= n <= MAX_N:
         raise InvalidRequestError(f"'n' must be between 1 and {MAX_N}, got {n}", "n")
@@ -85,7 +109,8 @@ def _sampling(body: dict[str, Any], max_tokens_key: tuple[str, ...], default_max
     stream = _get(body, "stream", bool, False)
     params = [
         SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                       seed=None if seed is None else seed + i, stop=tuple(stops), top_logprobs=top_logprobs)
+                       seed=None if seed is None else seed + i, stop=tuple(stops), top_logprobs=top_logprobs,
+                       grammar=grammar)
         for i in range(n)
     ]
     return params, stream
@@ -120,9 +145,103 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str,
     return [int(i) for i in ids]
 
 
-def parse_chat(body: dict[str, Any], tokenizer: PreTrainedTokenizerBase, policy: str, default_max_tokens: int,
-               max_context: int) -> GenerationRequest:
-    _check_model(body, policy)
+def _tools(body: dict[str, Any]) -> dict[str, Any]:
+    """The functions of ``tools`` by name (their parameters schema), checking each tool's shape."""
+    functions: dict[str, Any] = {}
+    for i, tool in enumerate(_get(body, "tools", list, [])):
+        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise InvalidRequestError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": "
+                                      "{\"name\": ..., \"parameters\": {...}}}", "tools")
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise InvalidRequestError(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
+        functions[fn["name"]] = params if params is not None else {"type": "object", "properties": {}}
+    return functions
+
+
+def _tool_choice(body: dict[str, Any], functions: dict[str, Any], parser: ToolCallParser) -> str:
+    """"none", "auto", "required", or the name of the one function to call."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        return "auto" if functions else "none"
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
+            and isinstance(choice["function"].get("name"), str):
+        name = choice["function"]["name"]
+        if name not in functions:
+            known = ", ".join(functions) or "none given"
+            raise InvalidRequestError(f"tool_choice names function '{name}', which is not in 'tools' ({known})",
+                                      "tool_choice")
+    elif choice in ("none", "auto", "required"):
+        name = choice
+    else:
+        raise InvalidRequestError("'tool_choice' must be 'none', 'auto', 'required' or "
+                                  '{"type": "function", "function": {"name": ...}}', "tool_choice")
+    if name not in ("none", "auto"):
+        if not functions:
+            raise InvalidRequestError(f"tool_choice {json.dumps(choice)} needs 'tools'", "tool_choice")
+        if parser == "none":
+            raise InvalidRequestError(f"tool_choice {json.dumps(choice)} needs a tool-call parser; this server "
+                                      "reads no tool calls (--tool-call-parser none)", "tool_choice")
+    return name
+
+
+def _response_format(body: dict[str, Any]) -> Any:
+    """The JSON schema the output must follow, or None for free text."""
+    fmt = _get(body, "response_format", dict)
+    kind = None if fmt is None else fmt.get("type")
+    if fmt is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise InvalidRequestError("response_format.json_schema must be an object with a 'schema'",
+                                      "response_format")
+        return spec.get("schema", {"type": "object"})
+    raise InvalidRequestError(f"response_format type {json.dumps(kind)} is not supported; use 'text', "
+                              "'json_object' or 'json_schema'", "response_format")
+
+
+def _compile(engine: Engine, param: str, what: str, tools: list[tuple[str, Any]] | None = None,
+             parallel: bool = True, schema: Any = None) -> str:
+    """The grammar of ``output_grammar(tools, parallel, schema)``, compiled; a 400 naming ``param`` if it fails."""
+    try:
+        grammar = output_grammar(tools or (), parallel, schema)
+        engine.grammars.matcher(grammar)
+    except GrammarError as exc:
+        raise InvalidRequestError(f"{what} cannot be enforced: {exc}", param) from exc
+    return grammar
+
+
+def _structure(body: dict[str, Any], engine: Engine,
+               parser: ToolCallParser) -> tuple[dict[str, Any], str | None, ToolCallParser]:
+    """(tools to render into the prompt, grammar of the output or None, parser of its tool calls)."""
+    functions = _tools(body)
+    choice = _tool_choice(body, functions, parser)
+    parallel = _get(body, "parallel_tool_calls", bool, True)
+    schema = _response_format(body)
+    answer = None if schema is None else _compile(engine, "response_format", "response_format", schema=schema)
+    if choice == "none":
+        return {}, answer, "none"
+    if choice == "auto" and (schema is None or not functions or parser == "none"):
+        return functions, answer, parser
+    forced = list(functions.items()) if choice in ("auto", "required") else [(choice, functions[choice])]
+    many = parallel and choice in ("auto", "required")
+    try:
+        grammar = output_grammar(forced, many, schema if choice == "auto" else None)
+        engine.grammars.matcher(grammar)
+    except GrammarError as exc:
+        for name, params in forced:  # find the tool whose parameters do not compile, and name it
+            _compile(engine, "tools", f"tools: function '{name}'", [(name, params)])
+        raise InvalidRequestError(f"tools cannot be enforced: {exc}", "tools") from exc
+    return functions, grammar, parser
+
+
+def parse_chat(body: dict[str, Any], engine: Engine, options: ServeOptions) -> GenerationRequest:
+    _check_model(body, options)
+    tokenizer = engine.tokenizer
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("'messages' is required and must be a non-empty list", "messages")
@@ -131,26 +250,28 @@ def parse_chat(body: dict[str, Any], tokenizer: PreTrainedTokenizerBase, policy:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise InvalidRequestError(f"messages[{i}] must be an object with a 'role'", "messages")
         normalized.append({**message, "content": _text_content(message.get("content"), f"messages[{i}]")})
-    tools = _get(body, "tools", list)
+    functions, grammar, parser = _structure(body, engine, options.tool_call_parser)
+    tools = [tool for tool in body.get("tools") or [] if tool["function"]["name"] in functions] or None
     logprobs = _get(body, "logprobs", bool, False)
     top_logprobs = _get(body, "top_logprobs", int, 0)
     if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidRequestError(f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}", "top_logprobs")
     if top_logprobs and not logprobs:
         raise InvalidRequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    params, stream = _sampling(body, ("max_completion_tokens", "max_tokens"), default_max_tokens, top_logprobs)
+    params, stream = _sampling(body, ("max_completion_tokens", "max_tokens"), options.default_max_tokens,
+                               top_logprobs, grammar)
     try:
         prompt_ids = chat_prompt_ids(tokenizer, normalized, tools)
     except Exception as exc:  # jinja raises its own errors for templates that reject the input
         raise InvalidRequestError(f"the chat template rejected the messages: {exc}", "messages") from exc
-    _check_length(prompt_ids, max_context, "messages")
+    _check_length(prompt_ids, engine.max_context, "messages")
     return GenerationRequest("chat", prompt_ids, params, stream, _get(body, "return_token_ids", bool, False),
-                             logprobs, _stream_options(body))
+                             logprobs, _stream_options(body), parser)
 
 
-def parse_completion(body: dict[str, Any], tokenizer: PreTrainedTokenizerBase, policy: str,
-                     default_max_tokens: int, max_context: int) -> GenerationRequest:
-    _check_model(body, policy)
+def parse_completion(body: dict[str, Any], engine: Engine, options: ServeOptions) -> GenerationRequest:
+    _check_model(body, options)
+    tokenizer = engine.tokenizer
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -167,10 +288,10 @@ def parse_completion(body: dict[str, Any], tokenizer: PreTrainedTokenizerBase, p
     logprobs = _get(body, "logprobs", int)
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidRequestError(f"'logprobs' must be between 0 and {MAX_TOP_LOGPROBS}", "logprobs")
-    params, stream = _sampling(body, ("max_tokens",), default_max_tokens, logprobs or 0)
+    params, stream = _sampling(body, ("max_tokens",), options.default_max_tokens, logprobs or 0)
     if not prompt_ids:
         raise InvalidRequestError("'prompt' tokenizes to nothing", "prompt")
-    _check_length(prompt_ids, max_context, "prompt")
+    _check_length(prompt_ids, engine.max_context, "prompt")
     return GenerationRequest("completion", prompt_ids, params, stream, _get(body, "return_token_ids", bool, False),
                              logprobs is not None, _stream_options(body))
 
@@ -185,6 +306,11 @@ def error_body(message: str, param: str | None, status: int) -> dict[str, Any]:
     kind = {404: "NotFoundError", 500: "InternalServerError"}.get(status, "invalid_request_error")
     code = "model_not_found" if status == 404 and param == "model" else None
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _with_calls(reason: FinishReason | None) -> str | None:
+    """A row that ended normally with tool calls finished to call them."""
+    return "tool_calls" if reason == "stop" else reason
 
 
 @dataclass
@@ -214,6 +340,7 @@ class Shaper:
         self.version = 0
         self.choices = [Choice() for _ in req.params]
         self._offsets = [0] * len(req.params)
+        self._parsers: list[HermesStream | None] = [stream_parser(req.tool_call_parser) for _ in req.params]
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.policy,
@@ -249,12 +376,17 @@ class Shaper:
         choices = []
         for i, c in enumerate(self.choices):
             choice: dict[str, Any] = {"index": i}
+            reason = c.finish_reason
             if self.req.kind == "chat":
-                choice["message"] = {"role": "assistant", "content": c.text}
+                content, calls = parse_calls(self.req.tool_call_parser, c.text)
+                choice["message"] = {"role": "assistant", "content": content}
+                if calls:
+                    choice["message"]["tool_calls"] = [call.to_openai() for call in calls]
+                    reason = _with_calls(reason)
             else:
                 choice["text"] = c.text
             choice["logprobs"] = self._logprobs(i, c.tokens)
-            choice["finish_reason"] = c.finish_reason
+            choice["finish_reason"] = reason
             if self.req.return_token_ids:
                 choice["token_ids"] = [t.token_id for t in c.tokens]
             choices.append(choice)
@@ -277,18 +409,37 @@ class Shaper:
                 choice["token_ids"] = []
         return [chunk]
 
+    def _parse(self, delta: Delta) -> tuple[str, list[dict[str, Any]]]:
+        """The content and tool-call deltas that ``delta`` releases."""
+        parser = self._parsers[delta.index]
+        if parser is None:
+            return delta.text, []
+        before = parser.calls
+        pieces = parser.push(delta.text) + (parser.finish() if delta.finish_reason else [])
+        calls = [p for p in pieces if isinstance(p, ToolCall)]
+        text = "".join(p for p in pieces if isinstance(p, str))
+        return text, [call.to_openai(before + k) for k, call in enumerate(calls)]
+
     def chunk(self, delta: Delta, first: bool, last: bool) -> list[dict[str, Any]]:
         """Chunks for one delta; ``last``: no choice is left open after it."""
         self.choices[delta.index].add(delta)
         chat = self.req.kind == "chat"
         body = self._head("chat.completion.chunk" if chat else "text_completion")
         choice: dict[str, Any] = {"index": delta.index}
+        reason = delta.finish_reason
         if chat:
-            choice["delta"] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
+            text, calls = self._parse(delta)
+            choice["delta"] = {"content": text} if text or not (calls or reason) else {}
+            if calls:
+                choice["delta"]["tool_calls"] = calls
+            parser = self._parsers[delta.index]
+            if parser is not None and parser.calls:
+                reason = _with_calls(reason)
         else:
             choice["text"] = delta.text
+        # Token ids and logprobs go out with the step that sampled them, even while its text is held back.
         choice["logprobs"] = self._logprobs(delta.index, delta.tokens) if delta.tokens else None
-        choice["finish_reason"] = delta.finish_reason
+        choice["finish_reason"] = reason
         if self.req.return_token_ids:
             choice["token_ids"] = [t.token_id for t in delta.tokens]
             if first and not chat:

@@ -1,10 +1,16 @@
 """``rollstream serve``: the OpenAI-compatible HTTP server over one policy.
 
 Endpoints: ``/v1/chat/completions``, ``/v1/completions`` (both streaming or not),
-``/v1/models``, ``/health``, ``/stats`` (JSON figures) and ``/metrics`` (Prometheus).
-Every response names the policy version that generated it, in a ``policy_version``
-field and an ``X-Policy-Version`` header. Requests are batched by the scheduler; newer
-policy versions arrive through the policy-update topic (see ``reload``).
+``/v1/models``, ``/v1/models/{id}``, ``/health``, ``/stats`` (JSON figures) and ``/metrics``
+(Prometheus). Every response names the policy version that generated it, in a
+``policy_version`` field and an ``X-Policy-Version`` header. Requests are batched by the
+scheduler; newer policy versions arrive through the policy-update topic (see ``reload``).
+
+Chat completions read tool calls out of the output (``--tool-call-parser``: ``hermes``, the
+``<tool_call>`` blocks of Hermes, Qwen2.5 and SmolLM2-style templates, or ``none``), streamed
+as tool-call deltas, and honour ``tool_choice`` (``none``, ``auto``, ``required``, a named
+function) and ``response_format`` (``json_object``, ``json_schema``) by constrained decoding
+(llguidance). The server answers to the policy name and to ``--served-model-name`` aliases.
 """
 
 from __future__ import annotations
@@ -23,9 +29,17 @@ from rollstream.schemas.topics import Topics
 from rollstream.serving.config import ServeSettings
 from rollstream.serving.engine import Delta
 from rollstream.serving.loading import load_engine, pick_device, set_threads
-from rollstream.serving.protocol import GenerationRequest, Shaper, error_body, parse_chat, parse_completion
+from rollstream.serving.protocol import (
+    GenerationRequest,
+    ServeOptions,
+    Shaper,
+    error_body,
+    parse_chat,
+    parse_completion,
+)
 from rollstream.serving.reload import PolicyWatcher
 from rollstream.serving.scheduler import Admitted, Event, Failed, Scheduler
+from rollstream.serving.tools import TOOL_CALL_PARSERS, ToolCallParser
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -55,10 +69,11 @@ class PolicyServer:
     """The HTTP routes over a scheduler serving ``policy``."""
 
     def __init__(self, scheduler: Scheduler, policy: str, default_max_tokens: int = 256,
-                 watcher: PolicyWatcher | None = None) -> None:
+                 watcher: PolicyWatcher | None = None, model_names: tuple[str, ...] = (),
+                 tool_call_parser: ToolCallParser = "hermes") -> None:
         self.scheduler = scheduler
         self.policy = policy
-        self.default_max_tokens = default_max_tokens
+        self.options = ServeOptions(policy, default_max_tokens, model_names, tool_call_parser)
         self.watcher = watcher
 
     def app(self) -> Starlette:
@@ -66,6 +81,7 @@ class PolicyServer:
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.model, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/stats", self.stats, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
@@ -88,12 +104,23 @@ class PolicyServer:
         version = self.scheduler.version
         return _json({"status": "ok", "policy": self.policy, "policy_version": version}, version=version)
 
+    def _card(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "rollstream",
+                "policy_version": self.scheduler.version, "max_model_len": self.scheduler.engine.max_context}
+
     async def models(self, request: Request) -> Response:
         version = self.scheduler.version
-        engine = self.scheduler.engine
-        card = {"id": self.policy, "object": "model", "created": 0, "owned_by": "rollstream",
-                "policy_version": version, "max_model_len": engine.max_context}
-        return _json({"object": "list", "data": [card], "policy_version": version}, version=version)
+        names = [self.policy] + [n for n in self.options.model_names if n not in ("*", self.policy)]
+        return _json({"object": "list", "data": [self._card(n) for n in names], "policy_version": version},
+                     version=version)
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        version = self.scheduler.version
+        if not self.options.answers_to(name):
+            return _error(InvalidRequestError(f"model '{name}' does not exist; this server serves '{self.policy}'",
+                                              "model", 404), version)
+        return _json(self._card(name), version=version)
 
     async def stats(self, request: Request) -> Response:
         s = self.scheduler.stats
@@ -123,7 +150,7 @@ class PolicyServer:
             if not isinstance(body, dict):
                 raise InvalidRequestError("the request body must be a JSON object")
             parse = parse_chat if kind == "chat" else parse_completion
-            req = parse(body, engine.tokenizer, self.policy, self.default_max_tokens, engine.max_context)
+            req = parse(body, engine, self.options)
         except InvalidRequestError as exc:
             return _error(exc, version)
         shaper = Shaper(req, engine.tokenizer, self.policy)
@@ -176,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--default-max-tokens", type=int, help="max_tokens when a request gives none")
     parser.add_argument("--threads", type=int, help="torch CPU threads, 0: automatic (ROLLSTREAM_SERVE_THREADS)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (ROLLSTREAM_SERVE_DEVICE)")
+    parser.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                        help="other model names to answer to, '*' for any (ROLLSTREAM_SERVE_MODEL_NAMES)")
+    parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS,
+                        help="format of the model's tool calls (ROLLSTREAM_SERVE_TOOL_CALL_PARSER)")
     parser.add_argument("--topic-prefix", help="prefix of the Kafka topics (ROLLSTREAM_TOPIC_PREFIX)")
     parser.add_argument("--no-updates", action="store_true", help="do not watch the policy-update topic")
     parser.add_argument("--updates-from", choices=["earliest", "latest"], default="earliest",
@@ -189,9 +220,11 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     overrides: dict[str, Any] = {
         name: getattr(args, name)
         for name in ("model", "policy", "policy_version", "host", "port", "batch_window_ms", "max_batch",
-                     "default_max_tokens", "threads", "device")
+                     "default_max_tokens", "threads", "device", "tool_call_parser")
         if getattr(args, name) is not None
     }
+    if args.served_model_name is not None:
+        overrides["model_names"] = tuple(n for arg in args.served_model_name for n in arg.split(",") if n)
     if args.no_updates:
         overrides["updates"] = False
     if args.topic_prefix is not None:
@@ -221,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             lambda uri, version: load_engine(uri, version, device, settings.connection),
             topics, settings.connection, from_beginning=args.updates_from == "earliest",
         )
-    server = PolicyServer(scheduler, settings.policy, settings.default_max_tokens, watcher)
+    server = PolicyServer(scheduler, settings.policy, settings.default_max_tokens, watcher, settings.model_names,
+                          settings.tool_call_parser)
     log.info("serving policy '%s' version %d from %s on http://%s:%d/v1 (%s, %d threads)", settings.policy,
              settings.policy_version, settings.model, settings.host, settings.port, device, threads)
     uvicorn.run(server.app(), host=settings.host, port=settings.port, log_level=args.log_level,
