@@ -119,3 +119,39 @@ def test_unknown_schema_id_is_a_serialization_error(codec: EventCodec, topics: T
 def test_encoding_a_bad_record_names_the_event(codec: EventCodec, topics: Topics) -> None:
     with pytest.raises(SerializationError, match="Reward"):
         codec.encode(topics.rewards, {"rollout_id": "r"})
+
+
+def _endpoint_schema(symbols: list[str], default: bool) -> str:
+    """The committed LlmCall schema with the Endpoint enum's symbols (and its enum-level default) replaced."""
+    schema = schema_dict("LlmCall")
+    for field in schema["fields"]:
+        if field["name"] == "endpoint":
+            field["type"]["symbols"] = symbols
+            if not default:
+                field["type"].pop("default", None)
+    return json.dumps(schema)
+
+
+def test_endpoint_symbols_added_to_a_registered_schema_are_accepted_and_read(
+    settings: ConnectionSettings, topics: Topics
+) -> None:
+    """The Endpoint enum grew RESPONSES and MESSAGES (and a default): the registry takes it over the schema
+    registered before, and a reader of the committed schema reads a symbol newer than it as the default."""
+    from confluent_kafka.schema_registry.avro import AvroSerializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    client = registry_client(settings)
+    topic = f"{topics.prefix}evolve-calls"
+    register(client, topic, _endpoint_schema(["CHAT_COMPLETIONS", "COMPLETIONS"], default=False))
+    committed_id = register(client, topic, json.dumps(schema_dict("LlmCall")))
+    future = _endpoint_schema(["CHAT_COMPLETIONS", "COMPLETIONS", "RESPONSES", "MESSAGES", "REALTIME"], default=True)
+    future_id = register(client, topic, future)
+    assert future_id != committed_id
+
+    codec = EventCodec(registry_client(settings), topics)
+    writer = AvroSerializer(client, future, conf={"auto.register.schemas": False, "use.latest.version": False})
+    for endpoint, read_as in (("MESSAGES", "MESSAGES"), ("RESPONSES", "RESPONSES"), ("REALTIME", "CHAT_COMPLETIONS")):
+        record = dict(SAMPLES["LlmCall"], endpoint=endpoint)
+        data = writer(record, SerializationContext(topic, MessageField.VALUE))
+        assert data is not None
+        assert codec.decode(topics.calls, data)["endpoint"] == read_as
