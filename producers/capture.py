@@ -17,8 +17,13 @@ from typing import Any, Literal
 import orjson
 from rollstream.schemas import make_event
 
-Endpoint = Literal["CHAT_COMPLETIONS", "COMPLETIONS"]
+Endpoint = Literal["CHAT_COMPLETIONS", "COMPLETIONS", "RESPONSES", "MESSAGES"]
 SOURCE = "gateway"
+
+
+def chat_form(endpoint: Endpoint) -> bool:
+    """Whether the backend saw the call as a chat completion (the Responses and Messages routes are translated)."""
+    return endpoint != "COMPLETIONS"
 
 
 @dataclass(frozen=True)
@@ -40,12 +45,12 @@ def prepare_request(endpoint: Endpoint, body: dict[str, Any]) -> ClientWants:
     options = body.get("stream_options")
     wants = ClientWants(
         token_ids=body.get("return_token_ids") is True,
-        logprobs=bool(body.get("logprobs")) if endpoint == "CHAT_COMPLETIONS" else body.get("logprobs") is not None,
+        logprobs=bool(body.get("logprobs")) if chat_form(endpoint) else body.get("logprobs") is not None,
         stream_usage=not stream or (isinstance(options, dict) and bool(options.get("include_usage"))),
     )
     body["return_token_ids"] = True
     if not wants.logprobs:
-        body["logprobs"] = True if endpoint == "CHAT_COMPLETIONS" else 1
+        body["logprobs"] = True if chat_form(endpoint) else 1
     if not wants.stream_usage:
         body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     return wants
@@ -159,7 +164,7 @@ def request_fields(endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": model if isinstance(model, str) else None,
         "endpoint": endpoint,
-        "messages": _messages(body.get("messages")) if endpoint == "CHAT_COMPLETIONS" else [],
+        "messages": _messages(body.get("messages")) if chat_form(endpoint) else [],
         "tools_json": _json(body.get("tools")),
         "sampling": {
             "temperature": _float(body.get("temperature")),
@@ -219,7 +224,7 @@ def _logprob_values(endpoint: Endpoint, logprobs: Any) -> list[float] | None:
     if not isinstance(logprobs, dict):
         return None
     values: list[Any]
-    if endpoint == "CHAT_COMPLETIONS":
+    if chat_form(endpoint):
         content = logprobs.get("content")
         if not isinstance(content, list):
             return None
@@ -299,7 +304,7 @@ class CallAssembler:
         endpoint = self.ctx.endpoint
         for choice in _choices(body):
             state = self._state(choice)
-            if endpoint == "CHAT_COMPLETIONS":
+            if chat_form(endpoint):
                 message = choice.get("message")
                 message = message if isinstance(message, dict) else {}
                 state.text.append(_text(message.get("content")) or "")
@@ -315,7 +320,7 @@ class CallAssembler:
         endpoint = self.ctx.endpoint
         for choice in _choices(chunk):
             state = self._state(choice)
-            if endpoint == "CHAT_COMPLETIONS":
+            if chat_form(endpoint):
                 delta = choice.get("delta")
                 delta = delta if isinstance(delta, dict) else {}
                 content = delta.get("content")

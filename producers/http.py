@@ -1,4 +1,4 @@
-"""Small ASGI helpers for the gateway: request bodies, JSON responses, OpenAI-style errors."""
+"""Small ASGI helpers for the gateway: request bodies, JSON responses, OpenAI-style (and Anthropic-style) errors."""
 
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ ERROR_TYPES = {
     504: "backend_timeout",
 }
 
+# Anthropic's error types, for the Messages route (its clients read error.type).
+ANTHROPIC_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                         413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 502: "api_error",
+                         503: "overloaded_error", 504: "timeout_error"}
+
 
 class HttpError(GatewayError):
     """A request the gateway answers with an error status and an OpenAI-style JSON body."""
@@ -52,9 +57,10 @@ class HttpError(GatewayError):
     def body(self) -> bytes:
         return error_body(self.status, self.message, self.param, self.code, self.extra)
 
-    async def send(self, send: Send) -> None:
-        """Answer with this error (JSON body, and the headers it was raised with)."""
-        await respond(send, self.status, self.body(), [*JSON_HEADERS, *self.headers])
+    async def send(self, send: Send, anthropic: bool = False) -> None:
+        """Answer with this error (JSON body, in Anthropic's shape if asked, and the headers it was raised with)."""
+        body = anthropic_error_body(self.status, self.message) if anthropic else self.body()
+        await respond(send, self.status, body, [*JSON_HEADERS, *self.headers])
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -65,6 +71,16 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     try:
         return orjson.dumps(error)
     except TypeError:  # a message quoting client text that is not valid UTF-8: escape it instead
+        return json.dumps(error).encode()
+
+
+def anthropic_error_body(status: int, message: str) -> bytes:
+    """``{"type": "error", "error": {"type": ..., "message": ...}}``, the shape Anthropic clients parse."""
+    kind = ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    error = {"type": "error", "error": {"type": kind, "message": message}}
+    try:
+        return orjson.dumps(error)
+    except TypeError:
         return json.dumps(error).encode()
 
 
