@@ -3,7 +3,8 @@
 ``ROLLSTREAM_GATEWAY_API_KEYS`` is a comma-separated list of ``key=scope+scope`` entries,
 for example ``agent-key=models,grader-key=rewards,admin-key=models+rewards``:
 
-- ``models``: the OpenAI-compatible endpoints (chat, completions, models);
+- ``models``: the model endpoints (chat, completions, responses, messages, models); the Anthropic
+  Messages route also takes the key in an ``x-api-key`` header, as Anthropic clients send it;
 - ``rewards``: the rollout and reward API (``/v1/rollouts...``).
 
 The OTLP receiver reads ``ROLLSTREAM_OTLP_API_KEYS`` in the same form with one scope, ``traces``
@@ -95,7 +96,7 @@ def parse_api_keys(text: str, variable: str = "ROLLSTREAM_GATEWAY_API_KEYS",
 
 
 class KeyRing:
-    """Checks ``Authorization: Bearer <key>`` headers against the configured keys."""
+    """Checks ``Authorization: Bearer <key>`` (or ``x-api-key``) headers against the configured keys."""
 
     def __init__(self, keys: list[ApiKey]) -> None:
         self.keys = keys
@@ -123,14 +124,21 @@ class KeyRing:
                 found = key
         return found
 
-    def authorize(self, authorization: str | None, scope: ScopeName) -> ApiKey | None:
-        """Raise 401 for a missing or unknown key, 403 for a key without ``scope``; None when auth is off."""
+    def authorize(self, authorization: str | None, scope: ScopeName, api_key: str | None = None) -> ApiKey | None:
+        """Raise 401 for a missing or unknown key, 403 for a key without ``scope``; None when auth is off.
+
+        ``api_key`` is the ``x-api-key`` header on routes that accept it (Anthropic clients send their key
+        there, not in Authorization): a string, empty when the header is absent; None elsewhere."""
         if not self.keys:
             return None
         key = self.identify(authorization)
+        if key is None and authorization is None and api_key:
+            key = self.identify(f"Bearer {api_key}")
         if key is None:
-            what = "missing" if authorization is None else "invalid"
-            raise HttpError(401, f"{what} API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+            what = "missing" if authorization is None and not api_key else "invalid"
+            how = "'x-api-key: <key>' or 'Authorization: Bearer <key>'" if api_key is not None else \
+                "'Authorization: Bearer <key>'"
+            raise HttpError(401, f"{what} API key: send {how}", code="invalid_api_key")
         if scope not in key.scopes:
             raise HttpError(
                 403, f"this API key lacks the '{scope}' scope (it has: {', '.join(sorted(key.scopes))})",

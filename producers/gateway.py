@@ -5,9 +5,12 @@ Every model call that belongs to a rollout becomes one LlmCall event per choice 
 calls topic; rollouts and rewards posted to the same service become RolloutEvent and
 Reward events. Routes:
 
-- ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`` (scope ``models``), also under
-  ``/rollouts/{rollout_id}[/attempts/{n}][/agents/{name}]/v1/...`` for agents that can only
+- ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/v1/models/{id}`` (scope ``models``),
+  also under ``/rollouts/{rollout_id}[/attempts/{n}][/agents/{name}]/v1/...`` for agents that can only
   set a base URL; otherwise the ``X-Rollout-Id``, ``X-Attempt``, ``X-Agent-Name`` headers;
+- ``/v1/responses`` (the OpenAI Responses API) and ``/v1/messages`` (Anthropic Messages, key also in
+  ``x-api-key``), attributed the same way and translated to chat completions for the backend
+  (``responses``, ``messages``); recorded with endpoint RESPONSES or MESSAGES;
 - ``POST /v1/rollouts``, ``/v1/rollouts/{id}/finish``, ``/v1/rollouts/{id}/rewards`` (scope ``rewards``);
 - ``GET /metrics`` (Prometheus) and ``GET /healthz``.
 
@@ -26,6 +29,10 @@ When it answers (``ROLLSTREAM_GATEWAY_ACKS``):
   ``rollstream_gateway_unacknowledged_total``.
 - ``queued``: as soon as the events are in the publisher's memory queue (lowest latency; a
   ``kill -9`` loses what was queued in the last moments).
+
+Model names: ``ROLLSTREAM_GATEWAY_MODEL_MAP`` (``model_names``) turns the client's model name into the
+backend's (by default every name into the backend's own model); LlmCall.model records the client's.
+The backend's ``X-Policy-Version`` header reaches the client on every model route.
 
 A full queue is handled in both modes alike: 503 ``event_queue_full``, or served and counted
 (``ROLLSTREAM_GATEWAY_ON_FULL``).
@@ -57,6 +64,7 @@ from rollstream.producers.http import (
     respond_json,
 )
 from rollstream.producers.metrics import GatewayMetrics
+from rollstream.producers.model_names import ModelMap
 from rollstream.producers.proxy import Attribution, ModelProxy, OnFull
 from rollstream.producers.publisher import LINGER_MS, Acks, Delivery, KafkaPublisher, Publisher, acknowledgement
 from rollstream.schemas.topics import Topics
@@ -67,7 +75,8 @@ from rollstream.settings import ConnectionSettings, env, env_float, env_int
 
 log = logging.getLogger(__name__)
 
-MODEL_ROUTES = {"chat/completions": "CHAT_COMPLETIONS", "completions": "COMPLETIONS"}
+MODEL_ROUTES = {"chat/completions": "CHAT_COMPLETIONS", "completions": "COMPLETIONS", "responses": "RESPONSES",
+                "messages": "MESSAGES"}
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,7 @@ class GatewaySettings:
     body_timeout: float = field(default_factory=lambda: env_float("GATEWAY_BODY_TIMEOUT"))
     acks: Acks = field(default_factory=lambda: cast(Acks, env("GATEWAY_ACKS")))
     ack_timeout: float = field(default_factory=lambda: env_float("GATEWAY_ACK_TIMEOUT"))
+    model_map: str = field(default_factory=lambda: env("GATEWAY_MODEL_MAP"))
 
     def __post_init__(self) -> None:
         if self.on_full not in get_args(OnFull):
@@ -104,6 +114,7 @@ class GatewaySettings:
         for name in ("queue_max", "backend_timeout", "backend_connections", "max_body"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ROLLSTREAM_GATEWAY_{name.upper()} must be at least 1")
+        ModelMap.parse(self.model_map)  # a malformed map is a ConfigError at start, not at the first call
         if not self.backend_url.startswith(("http://", "https://")):
             raise ConfigError(f"ROLLSTREAM_GATEWAY_BACKEND_URL={self.backend_url!r} must be an http(s) URL")
 
@@ -113,10 +124,11 @@ def endpoint_label(path: str) -> str:
     if path.startswith("/v1/rollouts"):
         return "rewards" if path.endswith("/rewards") else "rollouts.finish" if path.endswith("/finish") else "rollouts"
     for suffix, label in (("/chat/completions", "chat_completions"), ("/completions", "completions"),
-                          ("/models", "models"), ("/metrics", "metrics"), ("/healthz", "health")):
+                          ("/responses", "responses"), ("/messages", "messages"), ("/models", "models"),
+                          ("/metrics", "metrics"), ("/healthz", "health")):
         if path.endswith(suffix):
             return label
-    return "other"
+    return "models" if "/v1/models/" in path else "other"
 
 
 def parse_attribution(path: str, scope: Scope) -> tuple[str, Attribution | None]:
@@ -177,6 +189,7 @@ class Gateway:
             connections=settings.backend_connections, on_full=settings.on_full, policy=settings.policy,
             policy_version=settings.policy_version, max_body=settings.max_body, acks=settings.acks,
             ack_timeout=settings.ack_timeout, body_timeout=settings.body_timeout,
+            model_map=ModelMap.parse(settings.model_map),
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -211,7 +224,7 @@ class Gateway:
             await self._route(scope, receive, tracked_send)
         except HttpError as exc:
             status = exc.status
-            await exc.send(send)
+            await exc.send(send, anthropic=endpoint == "messages")
         except Exception:
             log.exception("unexpected error serving %s %s", scope["method"], scope["path"])
             await respond(send, 500, HttpError(500, "internal gateway error").body())
@@ -220,7 +233,8 @@ class Gateway:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
     def _authorize(self, scope: Scope, needed: ScopeName) -> None:
-        self.keys.authorize(header(scope, b"authorization"), needed)
+        api_key = header(scope, b"x-api-key") or "" if scope["path"].endswith("/v1/messages") else None
+        self.keys.authorize(header(scope, b"authorization"), needed, api_key)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
@@ -250,6 +264,10 @@ class Gateway:
             if route == "models":
                 self._authorize(scope, "models")
                 await self.proxy.models(send)
+                return
+            if route.startswith("models/") and method == "GET":
+                self._authorize(scope, "models")
+                await self.proxy.model(send, route[len("models/"):])
                 return
         raise HttpError(404, f"no route {method} {scope['path']}")
 
@@ -332,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for Kafka's acknowledgement (ROLLSTREAM_GATEWAY_ACK_TIMEOUT)")
     p.add_argument("--body-timeout", type=float,
                    help="seconds to wait for more of a request body (408 past it; ROLLSTREAM_GATEWAY_BODY_TIMEOUT)")
+    p.add_argument("--model-map", help="client=backend model names, '*' for the backend's model "
+                                        "(ROLLSTREAM_GATEWAY_MODEL_MAP)")
     p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers (ROLLSTREAM_KAFKA_BOOTSTRAP)")
     p.add_argument("--schema-registry-url", help="schema registry URL (ROLLSTREAM_SCHEMA_REGISTRY_URL)")
     p.add_argument("--topic-prefix", help="topic prefix (ROLLSTREAM_TOPIC_PREFIX)")
@@ -355,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = GatewaySettings(**_overrides(args, [
             "host", "port", "backend_url", "policy", "policy_version", "queue_max", "on_full", "backend_timeout",
-            "acks", "ack_timeout", "body_timeout"]))
+            "acks", "ack_timeout", "body_timeout", "model_map"]))
         conn = dataclasses.replace(ConnectionSettings(), **_overrides(
             args, ["kafka_bootstrap", "schema_registry_url", "topic_prefix"]))
         guard_unauthenticated(KeyRing.from_text(settings.api_keys), settings.host, "gateway",

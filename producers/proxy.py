@@ -2,7 +2,10 @@
 
 Whole responses are parsed, recorded and answered with what the client asked for; streams
 are relayed event by event as they arrive while the call is assembled from the chunks.
-Calls without a rollout are relayed untouched and only counted.
+Calls without a rollout are relayed untouched (but for the model name, see ``model_names``) and
+only counted. The Responses and Messages routes have no backend route to relay to: they are
+translated to chat completions (``responses``, ``messages``) and back, recorded or not. The
+backend's ``X-Policy-Version`` header is passed on to the client.
 
 Acknowledgements (``acks="kafka"``, the default): a whole answer is sent once Kafka
 acknowledged the call's LlmCall events; a stream is relayed as it comes except its
@@ -17,7 +20,9 @@ nothing waits.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -33,9 +38,13 @@ from rollstream.producers.capture import (
     strip_chunk,
     strip_response,
 )
+from rollstream.producers.dialect import DialectCall
 from rollstream.producers.http import JSON_HEADERS, HttpError, Receive, Scope, Send, error_body, read_body, respond
+from rollstream.producers.messages import MessagesCall
 from rollstream.producers.metrics import GatewayMetrics
+from rollstream.producers.model_names import BACKEND_MODEL, ModelMap
 from rollstream.producers.publisher import Acks, Delivery, Publisher, Recorded, acknowledgement
+from rollstream.producers.responses import ResponsesCall
 
 from rollstream.errors import SerializationError
 
@@ -49,6 +58,8 @@ TRACKED_ROLLOUTS = 100_000
 # Queue room reserved per call is its n, up to this; a larger n is the backend's to refuse (4xx),
 # not a reason to answer 503 as if Kafka were away.
 MAX_RESERVED_CHOICES = 128
+DIALECTS: dict[str, type[ResponsesCall] | type[MessagesCall]] = {"RESPONSES": ResponsesCall, "MESSAGES": MessagesCall}
+BACKEND_MODEL_RETRY_S = 5.0  # how soon to ask the backend for its model again after it could not say
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,22 @@ def _backend_message(status: int, raw: bytes) -> str:
     return f"backend answered HTTP {status}: {message}"
 
 
+def _passed_headers(headers: Any) -> list[tuple[bytes, bytes]]:
+    """The backend's response headers that the client gets too (X-Policy-Version)."""
+    value = headers.get("X-Policy-Version")
+    return [] if value is None else [(b"x-policy-version", value.encode("latin-1"))]
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise HttpError(400, f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise HttpError(400, "request body must be a JSON object")
+    return body
+
+
 def _version_header(headers: Any) -> int | None:
     value = headers.get("X-Policy-Version")
     try:
@@ -125,6 +152,7 @@ class ModelProxy:
         acks: Acks = "kafka",
         ack_timeout: float = 10.0,
         body_timeout: float = 30.0,
+        model_map: ModelMap | None = None,
     ) -> None:
         self.backend_url = backend_url.rstrip("/")
         self.publisher = publisher
@@ -140,6 +168,10 @@ class ModelProxy:
         self.ack_timeout = ack_timeout
         self.body_timeout = body_timeout
         self.tracker = RolloutTracker()
+        self.model_map = model_map or ModelMap()
+        self._backend_model: str | None = None
+        self._backend_model_retry = 0.0
+        self._backend_model_lock = asyncio.Lock()
         self.headers = {"Content-Type": "application/json"}
         if backend_api_key:
             self.headers["Authorization"] = f"Bearer {backend_api_key}"
@@ -193,16 +225,83 @@ class ModelProxy:
         raw = await self._read(resp)
         if resp.status < 500:
             ctype = resp.headers.get("Content-Type", "application/json").encode("latin-1")
-            raise _Passthrough(resp.status, raw, ctype)
+            raise _Passthrough(resp.status, raw, [(b"content-type", ctype), *_passed_headers(resp.headers)])
         self.metrics.backend_errors.labels(f"http_{resp.status}").inc()
         raise HttpError(502, _backend_message(resp.status, raw), code="backend_error")
 
-    async def models(self, send: Send) -> None:
+    async def _backend_models(self) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """The backend's ``GET /models``: status (502 for its failures), body and the headers passed on."""
         resp = await self._call("GET", "/models", None)
         async with resp:
             raw = await self._read(resp)
-        status = resp.status if resp.status < 500 else 502
-        await respond(send, status, raw if status != 502 else error_body(502, _backend_message(resp.status, raw)))
+        if resp.status >= 500:
+            return 502, error_body(502, _backend_message(resp.status, raw)), []
+        return resp.status, raw, [*JSON_HEADERS, *_passed_headers(resp.headers)]
+
+    async def models(self, send: Send) -> None:
+        status, raw, headers = await self._backend_models()
+        await respond(send, status, raw, headers)
+
+    async def model(self, send: Send, model_id: str) -> None:
+        """``GET /models/{id}``: the backend's model that ``model_id`` names (under the client's name), or 404."""
+        target = self.model_map.target(model_id)
+        if target is BACKEND_MODEL:
+            target = await self.backend_model()
+        status, raw, headers = await self._backend_models()
+        if status != 200:
+            await respond(send, status, raw, headers)
+            return
+        try:
+            listed = orjson.loads(raw).get("data")
+            found = next((m for m in listed if isinstance(m, dict) and m.get("id") == target), None)
+        except (orjson.JSONDecodeError, AttributeError, TypeError):
+            found = None
+        if found is None:
+            raise HttpError(404, f"the model '{model_id}' does not exist (see GET /v1/models and "
+                                 "ROLLSTREAM_GATEWAY_MODEL_MAP)", param="model", code="model_not_found")
+        await respond(send, 200, orjson.dumps({**found, "id": model_id}), headers)
+
+    # --- model names ------------------------------------------------------------------
+
+    async def backend_model(self) -> str | None:
+        """The backend's own model (its first ``GET /models`` id), asked once and kept; None while it cannot say."""
+        if self._backend_model is not None or time.monotonic() < self._backend_model_retry:
+            return self._backend_model
+        async with self._backend_model_lock:
+            if self._backend_model is None and time.monotonic() >= self._backend_model_retry:
+                try:
+                    status, raw, _ = await self._backend_models()
+                    self._backend_model = str(orjson.loads(raw)["data"][0]["id"]) if status == 200 else None
+                except (HttpError, orjson.JSONDecodeError, LookupError, TypeError):
+                    pass
+                if self._backend_model is None:
+                    log.warning("the backend did not name its model (GET %s/models); model names pass unchanged "
+                                "for %.0f s", self.backend_url, BACKEND_MODEL_RETRY_S)
+                    self._backend_model_retry = time.monotonic() + BACKEND_MODEL_RETRY_S
+        return self._backend_model
+
+    async def _rename(self, body: dict[str, Any]) -> bool:
+        """Put the backend's name for the client's model in ``body``; whether it changed."""
+        if self.model_map.identity:
+            return False
+        name = body.get("model")
+        target = self.model_map.target(name if isinstance(name, str) else None)
+        if target is BACKEND_MODEL:
+            target = await self.backend_model()
+        if target is None or target == name:
+            return False
+        body["model"] = target
+        return True
+
+    async def _renamed(self, raw: bytes) -> bytes:
+        """A request to relay, with the backend's model name (unchanged bytes when the name is the same)."""
+        if self.model_map.identity:
+            return raw
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw  # the backend says what is wrong with it
+        return orjson.dumps(body) if isinstance(body, dict) and await self._rename(body) else raw
 
     # --- model calls ----------------------------------------------------------------
 
@@ -212,58 +311,67 @@ class ModelProxy:
         try:
             await self._handle(endpoint, receive, send, who)
         except _Passthrough as passed:
-            await respond(send, passed.status, passed.body, [(b"content-type", passed.content_type)])
+            if endpoint == "MESSAGES":  # an Anthropic client reads Anthropic's error shape
+                raise HttpError(passed.status, _backend_message(passed.status, passed.body)) from None
+            await respond(send, passed.status, passed.body, passed.headers)
 
     async def _handle(self, endpoint: Endpoint, receive: Receive, send: Send, who: Attribution | None) -> None:
         raw = await read_body(receive, self.max_body, self.body_timeout)
-        suffix = "/chat/completions" if endpoint == "CHAT_COMPLETIONS" else "/completions"
+        suffix = "/completions" if endpoint == "COMPLETIONS" else "/chat/completions"
+        translate = DIALECTS.get(endpoint)
+        if who is None and translate is None:
+            self.metrics.unattributed.inc()
+            await self._relay(suffix, await self._renamed(raw), send)
+            return
+        body = _json_object(raw)
+        dialect = translate(body) if translate is not None else None
+        if dialect is not None:
+            body = dialect.chat
+        request = dict(body)  # as recorded: with the client's model name
+        await self._rename(body)
+        record = who is not None
         if who is None:
             self.metrics.unattributed.inc()
-            await self._relay(suffix, raw, send)
+        else:
+            n: int = body["n"] if isinstance(body.get("n"), int) else 1
+            n = min(max(n, 1), MAX_RESERVED_CHOICES)
+            if not self.publisher.has_room(n):
+                if self.on_full == "reject":
+                    self.metrics.rejected.labels(endpoint.lower()).inc()
+                    raise HttpError(
+                        503, "the gateway's event queue is full (Kafka is unavailable or slow); retry later",
+                        code="event_queue_full",
+                    )
+                record = False
+                self.metrics.events_dropped.labels("queue_full").inc(n)
+        if not record and dialect is None:
+            await self._relay(suffix, orjson.dumps(body), send)
             return
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise HttpError(400, f"request body is not valid JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise HttpError(400, "request body must be a JSON object")
-        n: int = body["n"] if isinstance(body.get("n"), int) else 1
-        n = min(max(n, 1), MAX_RESERVED_CHOICES)
-        record = True
-        if not self.publisher.has_room(max(n, 1)):
-            if self.on_full == "reject":
-                self.metrics.rejected.labels(endpoint.lower()).inc()
-                raise HttpError(
-                    503, "the gateway's event queue is full (Kafka is unavailable or slow); retry later",
-                    code="event_queue_full",
-                )
-            record = False
-            self.metrics.events_dropped.labels("queue_full").inc(max(n, 1))
-        if not record:
-            await self._relay(suffix, raw, send)
-            return
-        attempt = who.attempt or self.tracker.attempt(who.rollout_id)
-        ctx = CallContext(
-            rollout_id=who.rollout_id,
-            attempt=attempt,
-            agent_name=who.agent_name,
-            sequence=self.tracker.next_sequence(who.rollout_id, attempt),
-            endpoint=endpoint,
-            request=dict(body),
-            policy=self.policy,
-            policy_version=self.policy_version,
-        )
-        wants = prepare_request(endpoint, body)
+        call = None
+        if who is not None and record:
+            attempt = who.attempt or self.tracker.attempt(who.rollout_id)
+            call = CallAssembler(CallContext(
+                rollout_id=who.rollout_id,
+                attempt=attempt,
+                agent_name=who.agent_name,
+                sequence=self.tracker.next_sequence(who.rollout_id, attempt),
+                endpoint=endpoint,
+                request=request,
+                policy=self.policy,
+                policy_version=self.policy_version,
+            ))
+        wants = prepare_request("CHAT_COMPLETIONS" if dialect is not None else endpoint, body)
         resp = await self._call("POST", suffix, orjson.dumps(body))
         async with resp:
             await self._check(resp)
             version = _version_header(resp.headers)
             if version is not None:
                 self.policy_version = version
+            answer = _Answer(endpoint, call, wants, version, dialect, _passed_headers(resp.headers))
             if body.get("stream") and resp.content_type == "text/event-stream":
-                await self._stream(resp, send, CallAssembler(ctx), wants, version)
+                await self._stream(resp, send, answer)
             else:
-                await self._whole(await self._read(resp), send, CallAssembler(ctx), wants, version)
+                await self._whole(await self._read(resp), send, answer)
 
     async def _relay(self, suffix: str, raw: bytes, send: Send) -> None:
         """An unrecorded call: the backend's answer goes to the client byte for byte."""
@@ -271,10 +379,11 @@ class ModelProxy:
         async with resp:
             await self._check(resp)
             ctype = resp.headers.get("Content-Type", "application/json").encode("latin-1")
+            passed = _passed_headers(resp.headers)
             if resp.content_type != "text/event-stream":
-                await respond(send, resp.status, await self._read(resp), [(b"content-type", ctype)])
+                await respond(send, resp.status, await self._read(resp), [(b"content-type", ctype), *passed])
                 return
-            await send({"type": "http.response.start", "status": resp.status, "headers": SSE_HEADERS})
+            await send({"type": "http.response.start", "status": resp.status, "headers": [*SSE_HEADERS, *passed]})
             try:
                 async for data in resp.content.iter_any():
                     await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -298,54 +407,64 @@ class ModelProxy:
         """What ``X-Rollstream-Recorded`` says (pending or failed), or None once acknowledged."""
         return await acknowledgement(delivery, self.acks, self.ack_timeout, self.metrics, endpoint.lower())
 
-    async def _whole(
-        self, raw: bytes, send: Send, call: CallAssembler, wants: ClientWants, version: int | None
-    ) -> None:
+    async def _whole(self, raw: bytes, send: Send, answer: _Answer) -> None:
+        call, wants, dialect = answer.call, answer.wants, answer.dialect
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise HttpError(502, f"backend answered with invalid JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise HttpError(502, f"backend answered with a JSON {type(data).__name__}, not a completion object")
-        call.add_response(data)
-        if call.policy_version is not None:
-            self.policy_version = call.policy_version
-        delivery = self._publish(call.events(version), call.ctx.rollout_id)
-        if delivery is None and self.on_full == "reject":
-            self.metrics.rejected.labels(call.ctx.endpoint.lower()).inc()
-            raise HttpError(503, "the call succeeded but could not be recorded (event queue full); retry later",
-                            code="event_queue_full")
-        if wants.strips:
+        delivery = None
+        if call is not None:
+            call.add_response(data)
+            if call.policy_version is not None:
+                self.policy_version = call.policy_version
+            delivery = self._publish(call.events(answer.version), call.ctx.rollout_id)
+            if delivery is None and self.on_full == "reject":
+                self.metrics.rejected.labels(call.ctx.endpoint.lower()).inc()
+                raise HttpError(503, "the call succeeded but could not be recorded (event queue full); retry later",
+                                code="event_queue_full")
+        if dialect is not None:
+            raw = orjson.dumps(dialect.answer(data))
+        elif wants.strips:
             strip_response(data, wants)
             raw = orjson.dumps(data)
-        recorded = await self._acknowledged(delivery, call.ctx.endpoint)
-        await respond(send, 200, raw, JSON_HEADERS if recorded is None else
-                      [*JSON_HEADERS, (RECORDED_HEADER, recorded.encode())])
+        recorded = await self._acknowledged(delivery, answer.endpoint)
+        await respond(send, 200, raw, [*JSON_HEADERS, *answer.headers] if recorded is None else
+                      [*JSON_HEADERS, *answer.headers, (RECORDED_HEADER, recorded.encode())])
 
-    def _sse_event(self, event: bytes, call: CallAssembler, wants: ClientWants) -> bytes | None:
-        """One SSE event (without its blank line) as the client should see it; None to drop it."""
+    def _sse_event(self, event: bytes, answer: _Answer) -> bytes | None:
+        """One SSE event (without its blank line) as the client should see it, with its blank line; None to drop it.
+
+        A translated call's client gets its own protocol's events for each chunk instead."""
+        dialect = answer.dialect
         if not event.startswith(b"data:"):
-            return event
+            return event + b"\n\n" if dialect is None else None
         payload = event[5:].strip()
-        if payload == b"[DONE]" or not payload.startswith(b"{"):
-            return event
         try:
-            chunk = orjson.loads(payload)
+            chunk = orjson.loads(payload) if payload.startswith(b"{") else None
         except orjson.JSONDecodeError:
-            return event
-        call.add_chunk(chunk)
-        if not wants.strips:
-            return event
-        if not strip_chunk(chunk, wants):
+            chunk = None
+        if not isinstance(chunk, dict):
+            return event + b"\n\n" if dialect is None else None
+        if answer.call is not None:
+            answer.call.add_chunk(chunk)
+        if dialect is not None:
+            return dialect.stream_chunk(chunk) or None
+        if not answer.wants.strips:
+            return event + b"\n\n"
+        if not strip_chunk(chunk, answer.wants):
             return None
-        return b"data: " + orjson.dumps(chunk)
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    async def _stream(
-        self, resp: aiohttp.ClientResponse, send: Send, call: CallAssembler, wants: ClientWants, version: int | None
-    ) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+    async def _stream(self, resp: aiohttp.ClientResponse, send: Send, answer: _Answer) -> None:
+        call, dialect = answer.call, answer.dialect
+        await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *answer.headers]})
+        if dialect is not None and (first := dialect.stream_start()):
+            await send({"type": "http.response.body", "body": first, "more_body": True})
         pending = b""
-        complete = done = False
+        complete = done = broke = False
         try:
             async for data in resp.content.iter_any():
                 pending += data.replace(b"\r\n", b"\n") if b"\r" in data else data
@@ -355,39 +474,59 @@ class ModelProxy:
                     if event == SSE_DONE or (event.startswith(b"data:") and event[5:].strip() == b"[DONE]"):
                         complete = done = True  # held back until the events are recorded
                         continue
-                    relayed = self._sse_event(event, call, wants)
+                    relayed = self._sse_event(event, answer)
                     if relayed is not None:
-                        out.append(relayed + b"\n\n")
+                        out.append(relayed)
                 if out:
                     await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
             complete = complete or not pending.strip()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            log.warning("backend stream for rollout %s broke: %s", call.ctx.rollout_id, exc)
+            log.warning("backend stream for rollout %s broke: %s", call.ctx.rollout_id if call else None, exc)
+            broke = True
             error = {"error": {"message": f"backend stream broke: {exc}", "type": "backend_error", "code": 502}}
-            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(error) + b"\n\n",
-                        "more_body": True})
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": b"data: " + orjson.dumps(error) + b"\n\n" if dialect is None
+                        else dialect.stream_failed(f"backend stream broke: {exc}")})
         except OSError as exc:  # the client went away
-            log.info("client left the stream of rollout %s: %s", call.ctx.rollout_id, exc)
-            self.metrics.events_dropped.labels("client_disconnected").inc(max(len(call.choices), 1))
+            log.info("client left the stream of rollout %s: %s", call.ctx.rollout_id if call else None, exc)
+            if call is not None:
+                self.metrics.events_dropped.labels("client_disconnected").inc(max(len(call.choices), 1))
             return
-        if call.policy_version is not None:
-            self.policy_version = call.policy_version
-        events = call.events(version) if complete else []
-        if len(events) < len(call.choices):
-            self.metrics.events_dropped.labels("incomplete").inc(len(call.choices) - len(events))
-        recorded = await self._acknowledged(self._publish(events, call.ctx.rollout_id) if events else None,
-                                            call.ctx.endpoint)
+        delivery = None
+        if call is not None:
+            if call.policy_version is not None:
+                self.policy_version = call.policy_version
+            events = call.events(answer.version) if complete else []
+            if len(events) < len(call.choices):
+                self.metrics.events_dropped.labels("incomplete").inc(len(call.choices) - len(events))
+            delivery = self._publish(events, call.ctx.rollout_id) if events else None
+        recorded = await self._acknowledged(delivery, answer.endpoint)
         tail = b"" if recorded is None else b": rollstream-recorded " + recorded.encode() + b"\n\n"
-        if done:
+        if dialect is not None and not broke:
+            tail += dialect.stream_end() if complete else dialect.stream_failed("the backend's stream ended early")
+        elif done:
             tail += SSE_DONE + b"\n\n"
         await send({"type": "http.response.body", "body": tail})
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """How to answer one forwarded call: what to record it in (None: not recorded), what the client asked for,
+    the protocol to translate to (None: chat or completions as they are), the headers passed on."""
+
+    endpoint: Endpoint
+    call: CallAssembler | None
+    wants: ClientWants
+    version: int | None
+    dialect: DialectCall | None
+    headers: list[tuple[bytes, bytes]]
 
 
 class _Passthrough(Exception):  # noqa: N818 - control flow, not an error of ours
     """A backend client error (4xx) to hand to the client unchanged."""
 
-    def __init__(self, status: int, body: bytes, content_type: bytes) -> None:
+    def __init__(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         super().__init__(status)
         self.status = status
         self.body = body
-        self.content_type = content_type
+        self.headers = headers

@@ -146,6 +146,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "Seconds the gateway waits for Kafka's acknowledgement (acks=kafka): 503 past it, or a model call's answer "
         "with X-Rollstream-Recorded: pending.",
     ),
+    "GATEWAY_MODEL_MAP": (
+        "*",
+        "Model names: 'client=backend' pairs, '*=NAME' for every other name, a bare '*' for the backend's own "
+        "model; empty: names pass unchanged.",
+    ),
 }
 
 
