@@ -90,6 +90,11 @@ class Grammars:
                 raise GrammarError(f"constrained decoding needs a fast (Rust) tokenizer: {exc}") from exc
         return self._lltok
 
+    def prepare(self) -> None:
+        """Build llguidance's tokenizer now (about a second for a large vocabulary) rather than on a request."""
+        with self._lock:
+            self._tokenizer()
+
     def matcher(self, grammar: str) -> llguidance.LLMatcher:
         """A fresh matcher of ``grammar``; GrammarError (llguidance's message) when it does not compile."""
         with self._lock:

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from rollstream.devices import pick_device
-from rollstream.errors import ServeError, StorageError
+from rollstream.errors import GrammarError, ServeError, StorageError
 from rollstream.settings import ConnectionSettings
 from rollstream.storage import ObjectStore
 
@@ -66,4 +66,9 @@ def _load(path: Path, source: str, version: int, device: torch.device | None) ->
         model.to(device)
     except (OSError, ValueError, KeyError) as exc:
         raise ServeError(f"cannot load a causal LM and tokenizer from {source}: {exc}") from exc
-    return Engine(model, tokenizer, version)
+    engine = Engine(model, tokenizer, version)
+    try:
+        engine.grammars.prepare()
+    except GrammarError as exc:  # requests that need a grammar get a 400 saying so
+        log.warning("constrained decoding (tool_choice, response_format) is unavailable: %s", exc)
+    return engine
