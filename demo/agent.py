@@ -1,7 +1,8 @@
 """The calculator agent and the workers that keep it busy.
 
-The agent is an ordinary ``openai`` client program: ask the model, run the calculator on the
-``<calc>…</calc>`` it wrote, send the result back as a tool message, read the final answer. The
+The agent is an ordinary ``openai`` client program with a native function tool: ask the model
+with ``tools=[calculator]``, run the calculator on the tool call it makes, send the result back
+as a ``tool`` message, read the final answer. The
 workers wrap it in the rollout API of the gateway: start a rollout (with the task's ``group_id``),
 point the client's ``base_url`` at ``/rollouts/{id}/v1`` so every call is attributed, finish it,
 and post the reward — a share of the rewards a few seconds later, as a slow grader would.
@@ -50,19 +51,30 @@ class Episode:
     policy_version: int | None
 
 
-def solve(client: OpenAI, model: str, task: Task, temperature: float, max_tokens: int = 24) -> Episode:
-    """The agent: a calculator call, then the final answer (at most two model calls)."""
+def solve(client: OpenAI, model: str, task: Task, temperature: float, max_tokens: int = 48) -> Episode:
+    """The agent: a calculator tool call, then the final answer (at most two model calls)."""
     messages: list[dict[str, Any]] = tasks.first_messages(task)
     first = client.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                           tools=[tasks.CALCULATOR],  # type: ignore[list-item]
                                            temperature=temperature, max_tokens=max_tokens)
-    text = first.choices[0].message.content or ""
+    message = first.choices[0].message
     version = (first.model_extra or {}).get("policy_version")
-    expr = tasks.parse_calc(text)
-    if expr is None:  # no tool call: take whatever answer the model gave
-        answer = tasks.parse_answer(text)
+    calls = [c for c in message.tool_calls or [] if c.type == "function"]
+    if not calls:  # no tool call: take whatever answer the model gave
+        answer = tasks.parse_answer(message.content or "")
         return Episode(answer, tasks.reward(task, answer), 1, version)
-    messages += [{"role": "assistant", "content": text}, tasks.tool_message(tasks.calculate(expr))]
+    call = calls[0]
+    expr = tasks.parse_arguments(call.function.arguments) if call.function.name == tasks.TOOL_NAME else None
+    # The call goes back exactly as the model made it; a call of another tool, or arguments that are
+    # not the calculator's, gets "error" as its result.
+    messages += [
+        {"role": "assistant", "content": message.content, "tool_calls": [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        tasks.tool_message(call.id, tasks.calculator(expr) if expr is not None else "error"),
+    ]
     second = client.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                            tools=[tasks.CALCULATOR],  # type: ignore[list-item]
                                             temperature=temperature, max_tokens=max_tokens)
     answer = tasks.parse_answer(second.choices[0].message.content or "")
     return Episode(answer, tasks.reward(task, answer), 2, version)

@@ -24,7 +24,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from rollstream.demo import tasks
@@ -48,15 +48,15 @@ log = logging.getLogger(__name__)
 MARKER = "rollstream-demo.json"
 # Everything that changes the built model; its hash names the cache folder.
 TINY_SPEC: dict[str, Any] = {
-    "version": 1, "hidden": 128, "layers": 3, "heads": 4, "vocab": 384, "seed": 0,
+    "version": 2, "hidden": 128, "layers": 3, "heads": 4, "vocab": 384, "seed": 0, "context": 2048,
     "warm_examples": 4000, "warm_steps": 600, "warm_batch": 32, "warm_lr": 3e-3,
     "warm_correct": tasks.WARM_CORRECT, "system": tasks.SYSTEM,
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# SmolLM2 does not know the demo's textual tool protocol: a short supervised warm start on the same
+# SmolLM2 does not know the demo's tool-call format: a short supervised warm start on the same
 # generated dialogues as the tiny model (operator words deliberately wrong in a share) teaches the format.
 SMOLLM2_SPEC: dict[str, Any] = {
-    "version": 1, "seed": 0, "warm_examples": 1000, "warm_steps": 60, "warm_batch": 8, "warm_lr": 1e-4,
+    "version": 2, "seed": 0, "warm_examples": 1000, "warm_steps": 60, "warm_batch": 8, "warm_lr": 1e-4,
     "warm_correct": tasks.WARM_CORRECT, "system": tasks.SYSTEM,
 }
 
@@ -70,9 +70,15 @@ def _digest(spec: dict[str, Any]) -> str:
 
 
 def _corpus(n: int = 3000) -> list[str]:
+    """The text the tokenizer is trained on: whole rendered dialogues, tools and tool calls included."""
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()))
+    tokenizer.chat_template = CHAT_TEMPLATE
     lines = []
-    for dialogue in tasks.warm_start_dialogues(n // 2, seed=99):
-        lines += [str(m["content"]) for m in dialogue]
+    for example in tasks.warm_start_dialogues(n // 2, seed=99):
+        text = str(tokenizer.apply_chat_template(example["messages"], tools=example["tools"], tokenize=False))
+        for special in SPECIAL_TOKENS:
+            text = text.replace(special, "\n")
+        lines += [line for line in text.split("\n") if line]
     return lines
 
 
@@ -94,26 +100,37 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def _ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> list[int]:
-    ids: Any = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    return [int(i) for i in ids]
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+            prompt: bool) -> str:
+    rendered = tokenizer.apply_chat_template(messages, tools=cast(Any, tools), add_generation_prompt=prompt,
+                                             tokenize=False)
+    return str(rendered)
 
 
-def encode_dialogue(tokenizer: PreTrainedTokenizerBase, dialogue: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+def encode_dialogue(tokenizer: PreTrainedTokenizerBase, example: dict[str, Any]) -> tuple[list[int], list[int]]:
     """(token ids, labels) of a whole dialogue, labels on the assistant replies only.
 
-    Each prefix is rendered with the chat template exactly as the policy server renders a request,
-    so the model is warm-started on the token sequences it will be served.
+    Each prompt is tokenized from the chat template's rendering, exactly as the policy server
+    tokenizes a request; each reply is what the template renders for that assistant turn (its text
+    and its ``<tool_call>`` blocks) up to the end token, tokenized on its own as the model generates it.
     """
+    dialogue, tools = example["messages"], example["tools"]
     ids: list[int] = []
     labels: list[int] = []
     for i, message in enumerate(dialogue):
         if message["role"] != "assistant":
             continue
-        prompt = _ids(tokenizer, dialogue[:i])
+        before = _render(tokenizer, dialogue[:i], tools, True)
+        after = _render(tokenizer, dialogue[:i + 1], tools, False)
+        end = str(tokenizer.eos_token)
+        if not after.startswith(before) or end not in after[len(before):]:
+            raise ValueError("the chat template does not render a dialogue's turns as prefixes of each other")
+        reply = after[len(before):]
+        reply = reply[:reply.index(end) + len(end)]
+        prompt = [int(t) for t in tokenizer.encode(before, add_special_tokens=False)]
         if prompt[:len(ids)] != ids:
-            raise ValueError("chat template does not render a dialogue's turns as prefixes of each other")
-        target = tokenizer.encode(str(message["content"]) + str(tokenizer.eos_token), add_special_tokens=False)
+            raise ValueError("a reply tokenizes differently on its own than inside the next turn's prompt")
+        target = [int(t) for t in tokenizer.encode(reply, add_special_tokens=False)]
         labels += [-100] * (len(prompt) - len(ids)) + target
         ids = prompt + target
     return ids, labels
@@ -122,6 +139,8 @@ def encode_dialogue(tokenizer: PreTrainedTokenizerBase, dialogue: list[dict[str,
 def warm_start(model: Any, tokenizer: PreTrainedTokenizerBase, spec: dict[str, Any]) -> float:
     """Supervised steps on generated dialogues; returns the last loss."""
     examples = [encode_dialogue(tokenizer, d) for d in tasks.warm_start_dialogues(spec["warm_examples"])]
+    log.info("warm start on %d dialogues of %d tokens on average", len(examples),
+             sum(len(i) for i, _ in examples) // max(1, len(examples)))
     rng = random.Random(spec["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=spec["warm_lr"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec["warm_lr"], total_steps=spec["warm_steps"],
@@ -170,7 +189,7 @@ def build_tiny(path: Path | None = None, spec: dict[str, Any] | None = None) -> 
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=spec["hidden"], intermediate_size=spec["hidden"] * 4,
         num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
-        max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos_ids,
+        max_position_embeddings=spec["context"], tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id,
     )
     model = Qwen2ForCausalLM(config)
@@ -220,6 +239,8 @@ def build_smollm2_warm(path: Path | None = None, spec: dict[str, Any] | None = N
     model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
     # The GGUF names <|im_start|> as eos; a chat reply ends with <|im_end|> (and plain text with <|endoftext|>).
     tokenizer.eos_token = "<|im_end|>"
+    # Its own template is ChatML without tools; ours is ChatML with Hermes tool calls (same special tokens).
+    tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = "<|endoftext|>"
     stops = [int(tokenizer.convert_tokens_to_ids(t)) for t in ("<|im_end|>", "<|endoftext|>")]  # type: ignore[arg-type]
