@@ -104,9 +104,11 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
             kind = tool.get("type") if isinstance(tool, dict) else None
             raise _bad(f"tool type {kind!r} is not supported by this gateway (client tools with name, description "
                        "and input_schema only)", f"tools.{i}")
-        function = {"name": tool["name"], "parameters": tool.get("input_schema") or {"type": "object"}}
+        # name, description, parameters: the order chat clients send, which chat templates render as given
+        function = {"name": tool["name"]}
         if tool.get("description") is not None:
             function["description"] = tool["description"]
+        function["parameters"] = tool.get("input_schema") or {"type": "object"}
         out.append({"type": "function", "function": function})
     return out
 

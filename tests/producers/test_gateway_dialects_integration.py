@@ -153,3 +153,79 @@ def test_the_anthropic_client_calls_messages_with_its_x_api_key_and_each_call_is
     assert {c["rollout_id"] for c in calls} == {"r-msg"} and {c["agent_name"] for c in calls} == {"coder"}
     check_calls(calls, expected, "MESSAGES", "claude-sonnet-4-5")
     assert gw.metric("rollstream_gateway_events_enqueued_total") == 2
+
+
+# The tiny model's output is random: the schema keeps the arguments it is constrained to short.
+ADD = {"name": "add", "description": "Add two digits.",
+       "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                                       "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+                      "required": ["a", "b"], "additionalProperties": False}}
+
+
+def direct_tool_call(policy_server: Any, messages: list[dict[str, Any]], tool_choice: Any) -> dict[str, Any]:
+    """The policy server's own answer to the chat form of a forced tool call (greedy)."""
+    direct = OpenAI(base_url=policy_server.base_url, api_key="none")
+    answer = direct.chat.completions.create(
+        model=policy_server.policy, max_tokens=64, temperature=0, messages=messages,  # type: ignore[arg-type]
+        tools=[{"type": "function", "function": ADD}], tool_choice=tool_choice, extra_body={"return_token_ids": True})
+    choice = answer.choices[0]
+    assert choice.message.tool_calls, "the server did not make the forced tool call"
+    return {"calls": [(c.function.name, c.function.arguments) for c in choice.message.tool_calls],  # type: ignore
+            "token_ids": (choice.model_extra or {})["token_ids"],
+            "prompt_token_ids": (answer.model_extra or {})["prompt_token_ids"]}
+
+
+def test_forced_tool_calls_come_back_as_function_calls_and_tool_use_blocks_and_are_recorded(
+    policy_server: Any, topics_factory: Callable[..., Topics], settings: ConnectionSettings,
+    gateway_factory: Callable[..., GatewayProcess],  # noqa: F811
+) -> None:
+    topics = topics_factory()
+    gw = gateway_factory(policy_server.base_url, topics)
+    ask = [{"role": "user", "content": "What is 2 + 3?"}]
+    expected = direct_tool_call(policy_server, ask, {"type": "function", "function": {"name": "add"}})
+    [(name, arguments)] = expected["calls"]
+
+    responses = OpenAI(base_url=f"{gw.url}/rollouts/r-tools/v1", api_key="none")
+    params: dict[str, Any] = {"model": "gpt-4o", "input": "What is 2 + 3?", "max_output_tokens": 64,
+                              "temperature": 0, "tools": [{"type": "function", **ADD}],
+                              "tool_choice": {"type": "function", "name": "add"}}
+    whole = responses.responses.create(**params)
+    [call] = [o for o in whole.output if o.type == "function_call"]
+    assert (call.name, call.arguments, whole.status) == (name, arguments, "completed")
+    assert call.id.startswith("fc_") and call.call_id  # type: ignore[union-attr]
+    streamed = list(responses.responses.create(stream=True, **params))
+    assert streamed[-1].type == "response.completed"
+    args = "".join(e.delta for e in streamed if e.type == "response.function_call_arguments.delta")
+    [done] = [e for e in streamed if e.type == "response.function_call_arguments.done"]
+    assert args == done.arguments == arguments
+    # The next turn hands the call and its output back: a tool message for the engine.
+    follow = responses.responses.create(**{**params, "tool_choice": "auto", "max_output_tokens": 4, "input": [
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"type": "function_call", "call_id": call.call_id, "name": name, "arguments": arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "5"}]})
+    assert follow.status in ("completed", "incomplete")
+
+    claude = anthropic.Anthropic(base_url=f"{gw.url}/rollouts/r-tools", api_key="none")
+    mparams: dict[str, Any] = {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": ask,
+                               "tools": [{"name": "add", "description": ADD["description"],
+                                          "input_schema": ADD["parameters"]}],
+                               "tool_choice": {"type": "tool", "name": "add"}, "extra_body": {"temperature": 0}}
+    message = claude.messages.create(**mparams)
+    [use] = [b for b in message.content if b.type == "tool_use"]
+    assert (use.name, use.input, message.stop_reason) == (name, json.loads(arguments), "tool_use")
+    with claude.messages.stream(**mparams) as stream:
+        final = stream.get_final_message()
+    assert [(b.type, getattr(b, "input", None)) for b in final.content] == [("tool_use", json.loads(arguments))]
+    assert final.stop_reason == "tool_use"
+
+    calls = sorted(events(settings, topics, topics.calls, 5), key=lambda c: c["sequence"])
+    assert [c["endpoint"] for c in calls] == ["RESPONSES"] * 3 + ["MESSAGES"] * 2
+    for c in calls[:2] + calls[3:]:
+        assert c["finish_reason"] == "tool_calls" and c["response_token_ids"] == expected["token_ids"]
+        assert c["prompt_token_ids"] == expected["prompt_token_ids"], (c["endpoint"], c["tools_json"], c["messages"])
+        [recorded] = json.loads(c["response_tool_calls_json"])
+        assert (recorded["function"]["name"], recorded["function"]["arguments"]) == (name, arguments)
+        assert json.loads(c["tools_json"])[0]["function"]["name"] == "add"
+    assert [(m["role"], m["tool_call_id"]) for m in calls[2]["messages"]] == [
+        ("user", None), ("assistant", None), ("tool", call.call_id)]
+    assert json.loads(calls[2]["messages"][1]["tool_calls_json"])[0]["function"]["arguments"] == arguments

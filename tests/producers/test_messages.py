@@ -62,7 +62,8 @@ def test_blocks_become_chat_messages_and_tools_chat_tools() -> None:
         {"role": "user", "content": "And tomorrow?"},
     ]
     assert chat["tools"] == [{"type": "function", "function": {
-        "name": "weather", "parameters": WEATHER["input_schema"], "description": "Weather in a city"}}]
+        "name": "weather", "description": "Weather in a city", "parameters": WEATHER["input_schema"]}}]
+    assert list(chat["tools"][0]["function"]) == ["name", "description", "parameters"]
     assert chat["tool_choice"] == {"type": "function", "function": {"name": "weather"}}
     assert chat["parallel_tool_calls"] is False
     assert (chat["model"], chat["max_tokens"], chat["stop"], chat["temperature"], chat["top_p"]) == (
