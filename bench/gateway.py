@@ -11,6 +11,11 @@ and its throughput as a ratio of direct.
     .venv/bin/python bench/gateway.py            # ~8 s per measurement
     .venv/bin/python bench/gateway.py --quick    # under a minute (needs `rollstream stack up`)
 
+The gateway's translated routes are measured beside its chat route, against the same chat backend:
+``gw-responses`` (``POST /v1/responses``, OpenAI Responses API) and ``gw-messages`` (``POST /v1/messages``,
+Anthropic Messages), at concurrencies up to 16; each row's ``added_vs_chat`` is the latency it adds over
+the latency the chat route adds (the target is at most 1.5).
+
 LiteLLM is installed on first use into its own virtual environment
 (~/.cache/rollstream/bench-litellm, pinned below); --no-litellm skips it. The gateway answers
 once Kafka acknowledged each call's event (ROLLSTREAM_GATEWAY_ACKS=kafka, the default);
@@ -41,6 +46,13 @@ LITELLM_VENV = Path(os.environ.get("ROLLSTREAM_HOME", "~/.cache/rollstream")).ex
 TOKENS = 16
 LITELLM_KEY = "sk-bench-" + uuid.uuid4().hex
 TOPIC_PREFIX = "rollstream-bench."
+DIALECT_MAX_CONCURRENCY = 16  # the Responses and Messages routes are measured up to this many clients
+PROMPT = "Say something."
+BODIES = {  # the request each kind of target is sent (stream set per measurement)
+    "chat": {"model": "canned", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": TOKENS},
+    "responses": {"model": "canned", "input": PROMPT, "max_output_tokens": TOKENS},
+    "messages": {"model": "canned", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": TOKENS},
+}
 
 # --- the canned backend ---------------------------------------------------------------------
 
@@ -144,11 +156,10 @@ def run_canned(port: int) -> int:
 
 
 async def _load(url: str, concurrency: int, seconds: float, stream: bool, headers: dict[str, str],
-                warmup: float) -> dict[str, Any]:
+                warmup: float, kind: str = "chat") -> dict[str, Any]:
     import aiohttp
 
-    body = json.dumps({"model": "canned", "messages": [{"role": "user", "content": "Say something."}],
-                       "max_tokens": TOKENS, "stream": stream}).encode()
+    body = json.dumps({**BODIES[kind], "stream": stream}).encode()
     latencies: list[float] = []
     errors = 0
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
@@ -325,31 +336,34 @@ def main(argv: list[str] | None = None) -> int:
             wait_http(f"http://127.0.0.1:{port}/healthz", gateway, 60)
         if litellm is not None:
             wait_http(f"http://127.0.0.1:{lport}/v1/models", litellm, 120, {"Authorization": f"Bearer {LITELLM_KEY}"})
-        # name -> (url, headers, the process whose CPU time is charged to it)
-        targets: dict[str, tuple[str, dict[str, str], int]] = {
-            "direct": (f"{backend}/chat/completions", {}, canned.pid)}
+        # name -> (url, headers, the process whose CPU time is charged to it, the kind of request)
+        targets: dict[str, tuple[str, dict[str, str], int, str]] = {
+            "direct": (f"{backend}/chat/completions", {}, canned.pid, "chat")}
+        attributed = {"X-Rollout-Id": "set per client", "X-Agent-Name": "bench"}
         for name, (port, gateway) in gateways.items():
-            targets[name] = (f"http://127.0.0.1:{port}/v1/chat/completions",
-                             {"X-Rollout-Id": "set per client", "X-Agent-Name": "bench"}, gateway.pid)
+            targets[name] = (f"http://127.0.0.1:{port}/v1/chat/completions", attributed, gateway.pid, "chat")
+        port, gateway = gateways["gateway"]
+        targets["gw-responses"] = (f"http://127.0.0.1:{port}/v1/responses", attributed, gateway.pid, "responses")
+        targets["gw-messages"] = (f"http://127.0.0.1:{port}/v1/messages", attributed, gateway.pid, "messages")
         if litellm is not None:
             targets["litellm"] = (f"http://127.0.0.1:{lport}/v1/chat/completions",
-                                  {"Authorization": f"Bearer {LITELLM_KEY}"}, litellm.pid)
+                                  {"Authorization": f"Bearer {LITELLM_KEY}"}, litellm.pid, "chat")
         loadgen = subprocess.Popen([py, __file__, "--role", "loadgen"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    text=True)
         procs.append(loadgen)
         assert loadgen.stdin is not None and loadgen.stdout is not None
 
-        def measure(url: str, headers: dict[str, str], conc: int, stream: bool, secs: float = seconds,
+        def measure(url: str, headers: dict[str, str], conc: int, stream: bool, kind: str, secs: float = seconds,
                     warm: float = warmup) -> dict[str, Any]:
             cmd = {"url": url, "concurrency": conc, "seconds": secs, "stream": stream, "headers": headers,
-                   "warmup": warm}
+                   "warmup": warm, "kind": kind}
             loadgen.stdin.write(json.dumps(cmd) + "\n")  # type: ignore[union-attr]
             loadgen.stdin.flush()  # type: ignore[union-attr]
             return dict(json.loads(loadgen.stdout.readline()))  # type: ignore[union-attr]
 
-        for url, headers, _pid in targets.values():  # first requests are slow everywhere (imports, pools)
+        for url, headers, _pid, kind in targets.values():  # first requests are slow everywhere (imports, pools)
             for stream in (False, True):
-                measure(url, headers, 4, stream, 0.5, 0.0)
+                measure(url, headers, 4, stream, kind, 0.5, 0.0)
         def gateway_metric(name: str) -> float:
             return sum(metric(f"http://127.0.0.1:{port}/metrics", name) for port, _ in gateways.values())
 
@@ -359,23 +373,30 @@ def main(argv: list[str] | None = None) -> int:
         for stream in (False, True):
             for conc in levels:
                 row: dict[str, Any] = {"mode": "stream" if stream else "whole", "concurrency": conc}
-                for name, (url, headers, pid) in targets.items():
+                names = [n for n, t in targets.items() if t[3] == "chat" or conc <= DIALECT_MAX_CONCURRENCY]
+                for name in names:
+                    url, headers, pid, kind = targets[name]
                     cpu0 = cpu_seconds(pid)
-                    row[name] = r = measure(url, headers, conc, stream)
+                    row[name] = r = measure(url, headers, conc, stream, kind)
                     # CPU of the serving process per request (warm-up included, so slightly high);
                     # for proxies this is the proxy's own cost, whatever else runs on the machine.
                     total = r["requests"] * (seconds + warmup) / seconds
                     r["cpu_us_per_request"] = 1e6 * (cpu_seconds(pid) - cpu0) / total if total else None
                 direct = row["direct"]
-                for name in targets:
+                for name in names:
                     if name == "direct":
                         continue
                     r = row[name]
                     r["added_p50_ms"] = r["p50_ms"] - direct["p50_ms"] if r["p50_ms"] is not None else None
                     r["added_p99_ms"] = r["p99_ms"] - direct["p99_ms"] if r["p99_ms"] is not None else None
                     r["throughput_ratio"] = r["rps"] / direct["rps"] if direct["rps"] else None
+                for name in ("gw-responses", "gw-messages"):
+                    if name in row:
+                        row[name]["added_vs_chat"] = {
+                            q: _ratio(row[name][f"added_{q}_ms"], row["gateway"][f"added_{q}_ms"])
+                            for q in ("p50", "p99")}
                 results.append(row)
-                print_row(row, list(targets))
+                print_row(row, names)
         time.sleep(1.0)
         enqueued = gateway_metric("rollstream_gateway_events_enqueued_total")
         published = gateway_metric("rollstream_gateway_events_published_total")
@@ -386,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             "gateway_events_published": published - published_before,
             "results": results,
         }
+        print_dialects(results)
         print(f"\ngateway events: {enqueued - enqueued_before:.0f} captured and enqueued, "
               f"{published - published_before:.0f} acknowledged by Kafka (topics {TOPIC_PREFIX}*)")
         print(json.dumps(summary, separators=(",", ":")))
@@ -405,13 +427,41 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
 
 
+def _ratio(value: float | None, baseline: float | None) -> float | None:
+    """``value / baseline``, with a floor of 0.05 ms on the baseline (a route adding almost nothing is not a
+    reason for an infinite ratio)."""
+    if value is None or baseline is None:
+        return None
+    return value / max(baseline, 0.05)
+
+
+def print_dialects(results: list[dict[str, Any]]) -> None:
+    print("\ntranslated routes: latency added over direct, and as a ratio of what the chat route adds "
+          "(target <= 1.5)")
+    print(f"{'mode':6} {'conc':>4} | {'route':12} {'+p50 ms':>8} {'+p99 ms':>8} | {'p50 x chat':>10} "
+          f"{'p99 x chat':>10}")
+    for row in results:
+        for name in ("gateway", "gw-responses", "gw-messages"):
+            if name not in row:
+                continue
+            r = row[name]
+            ratio = r.get("added_vs_chat") or {"p50": 1.0, "p99": 1.0}
+
+            def f(v: Any) -> str:
+                return "-" if v is None else f"{v:.2f}"
+
+            print(f"{row['mode']:6} {row['concurrency']:>4} | {name:12} {f(r['added_p50_ms']):>8} "
+                  f"{f(r['added_p99_ms']):>8} | {f(ratio['p50']):>10} {f(ratio['p99']):>10}")
+    sys.stdout.flush()
+
+
 _HEADER_PRINTED = False
 
 
 def print_row(row: dict[str, Any], names: list[str]) -> None:
     global _HEADER_PRINTED
     if not _HEADER_PRINTED:
-        print(f"{'mode':6} {'conc':>4} | {'target':9} {'rps':>8} {'p50 ms':>8} {'p99 ms':>8} | "
+        print(f"{'mode':6} {'conc':>4} | {'target':12} {'rps':>8} {'p50 ms':>8} {'p99 ms':>8} | "
               f"{'+p50 ms':>8} {'+p99 ms':>8} {'tput/direct':>11} | {'cpu us/req':>10}")
         _HEADER_PRINTED = True
     for name in names:
@@ -420,7 +470,7 @@ def print_row(row: dict[str, Any], names: list[str]) -> None:
         def f(v: Any, fmt: str = ".2f") -> str:
             return "-" if v is None else format(v, fmt)
 
-        print(f"{row['mode']:6} {row['concurrency']:>4} | {name:9} {f(r['rps'], '.0f'):>8} {f(r['p50_ms']):>8} "
+        print(f"{row['mode']:6} {row['concurrency']:>4} | {name:12} {f(r['rps'], '.0f'):>8} {f(r['p50_ms']):>8} "
               f"{f(r['p99_ms']):>8} | {f(r.get('added_p50_ms')):>8} {f(r.get('added_p99_ms')):>8} "
               f"{f(r.get('throughput_ratio'), '.3f'):>11} | {f(r.get('cpu_us_per_request'), '.0f'):>10}"
               + (f"  errors={r['errors']}" if r["errors"] else ""))
