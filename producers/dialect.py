@@ -48,6 +48,11 @@ def obj(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def count(value: Any, default: int = 0) -> int:
+    """A token count from a backend's usage: a non-negative integer, else ``default``."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
+
 def sse(event: str, data: dict[str, Any]) -> bytes:
     """One server-sent event with its ``event:`` line (both protocols' clients dispatch on it)."""
     return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"

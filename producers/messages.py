@@ -19,7 +19,7 @@ import json
 from typing import Any
 
 from rollstream.producers.capture import Endpoint
-from rollstream.producers.dialect import StreamedToolCalls, first_choice, new_id, obj, sse, text_of, tool_calls
+from rollstream.producers.dialect import StreamedToolCalls, count, first_choice, new_id, obj, sse, text_of, tool_calls
 from rollstream.producers.http import HttpError
 
 # Accepted and without effect here (routing, billing and prompt-caching hints).
@@ -221,14 +221,12 @@ class MessagesCall:
             return "stop_sequence", matched
         if tool_use and finish_reason in ("stop", "tool_calls", None):
             return "tool_use", None
-        return STOP_REASONS.get(finish_reason, "end_turn"), None
+        return STOP_REASONS.get(finish_reason if isinstance(finish_reason, str) else "", "end_turn"), None
 
     def _usage(self, chat_usage: Any, prompt_ids: Any = None) -> dict[str, Any]:
-        chat_usage = chat_usage if isinstance(chat_usage, dict) else {}
-        input_tokens = chat_usage.get("prompt_tokens")
-        if input_tokens is None and isinstance(prompt_ids, list):
-            input_tokens = len(prompt_ids)
-        return {"input_tokens": int(input_tokens or 0), "output_tokens": int(chat_usage.get("completion_tokens") or 0),
+        chat_usage = obj(chat_usage)
+        input_tokens = count(chat_usage.get("prompt_tokens"), len(prompt_ids) if isinstance(prompt_ids, list) else 0)
+        return {"input_tokens": input_tokens, "output_tokens": count(chat_usage.get("completion_tokens")),
                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
 
     def message(self, content: list[dict[str, Any]], stop: tuple[str | None, str | None],
@@ -277,8 +275,8 @@ class MessagesCall:
             self.input_tokens = len(chunk["prompt_token_ids"])
         usage = chunk.get("usage")
         if isinstance(usage, dict):
-            self.input_tokens = int(usage.get("prompt_tokens") or self.input_tokens)
-            self.output_tokens = int(usage.get("completion_tokens") or 0)
+            self.input_tokens = count(usage.get("prompt_tokens"), self.input_tokens)
+            self.output_tokens = count(usage.get("completion_tokens"))
         choice = first_choice(chunk)
         if not choice:
             return b""

@@ -21,6 +21,7 @@ from rollstream.producers.capture import Endpoint
 from rollstream.producers.dialect import (
     StreamedToolCalls,
     chat_logprobs,
+    count,
     first_choice,
     new_id,
     obj,
@@ -88,7 +89,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             raise _bad(f"'{where}' must be an object", where)
         kind = item.get("type", "message" if "role" in item else None)
         if kind == "message":
-            role = ROLES.get(item.get("role"))  # type: ignore[arg-type]
+            role = ROLES.get(item["role"]) if isinstance(item.get("role"), str) else None
             if role is None:
                 raise _bad(f"'{where}.role' must be user, system, developer or assistant", f"{where}.role")
             messages.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
@@ -194,14 +195,14 @@ def usage(chat_usage: Any) -> dict[str, Any] | None:
     """Chat usage as Responses usage."""
     if not isinstance(chat_usage, dict):
         return None
-    prompt, completion = int(chat_usage.get("prompt_tokens") or 0), int(chat_usage.get("completion_tokens") or 0)
-    prompt_details = chat_usage.get("prompt_tokens_details") or {}
-    completion_details = chat_usage.get("completion_tokens_details") or {}
+    prompt, completion = count(chat_usage.get("prompt_tokens")), count(chat_usage.get("completion_tokens"))
+    prompt_details = obj(chat_usage.get("prompt_tokens_details"))
+    completion_details = obj(chat_usage.get("completion_tokens_details"))
     return {"input_tokens": prompt, "output_tokens": completion,
-            "total_tokens": int(chat_usage.get("total_tokens") or prompt + completion),
-            "input_tokens_details": {"cached_tokens": int(prompt_details.get("cached_tokens") or 0),
+            "total_tokens": count(chat_usage.get("total_tokens"), prompt + completion),
+            "input_tokens_details": {"cached_tokens": count(prompt_details.get("cached_tokens")),
                                      "cache_write_tokens": 0},
-            "output_tokens_details": {"reasoning_tokens": int(completion_details.get("reasoning_tokens") or 0)}}
+            "output_tokens_details": {"reasoning_tokens": count(completion_details.get("reasoning_tokens"))}}
 
 
 def _status(finish_reason: Any) -> tuple[str, dict[str, str] | None]:
