@@ -1,10 +1,12 @@
 """Background publishing for the SDK and the OTLP receiver: the caller enqueues, a thread encodes and sends.
 
 The caller's thread only appends a job to a bounded in-memory queue: no Avro encoding, no
-network. One background thread builds the records (a job may carry a function that builds
-them, so that converting a captured response happens off the agent's thread too), encodes
-them with the schema registry (``EventCodec``), hands them to an idempotent, murmur2-
-partitioned producer, and serves delivery reports.
+network. Between its polls for delivery reports, the delivery thread of the producer core
+(``kafka_core``) builds the records (a job may carry a function that builds them, so that
+converting a captured response happens off the agent's thread too), encodes them with the
+schema registry (``EventCodec``) and hands them, in order, to the idempotent, murmur2-
+partitioned producer. A job is complete when its Delivery is settled; ``flush`` sees jobs
+complete in the order they were submitted (a watermark).
 
 Nothing is lost silently:
 
@@ -18,6 +20,7 @@ Nothing is lost silently:
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import threading
 import time
@@ -25,9 +28,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal
 
-from confluent_kafka import KafkaError, Message, Producer
+from rollstream.producers.kafka_core import Delivery, KafkaCore
 from rollstream.schemas.codec import EventCodec
-from rollstream.schemas.topics import producer_config
 
 from rollstream.errors import ConfigError, QueueFullError, RollstreamError
 from rollstream.events import DeliveryError
@@ -45,18 +47,13 @@ MAX_REPORTED_FAILURES = 1000
 class Job:
     """Records for one topic and key; complete when each was acknowledged or failed."""
 
-    __slots__ = ("seq", "topic", "key", "payload", "remaining", "emitter")
+    __slots__ = ("seq", "topic", "key", "payload")
 
-    def __init__(self, emitter: EventEmitter, seq: int, topic: str, key: str, payload: Payload) -> None:
-        self.emitter = emitter
+    def __init__(self, seq: int, topic: str, key: str, payload: Payload) -> None:
         self.seq = seq
         self.topic = topic
         self.key = key
         self.payload = payload
-        self.remaining = 0
-
-    def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        self.emitter._delivered(self, None if err is None else str(err))
 
 
 class EventEmitter:
@@ -84,13 +81,6 @@ class EventEmitter:
         self.on_full = on_full
         self.block_timeout = block_timeout
         self.flush_timeout = flush_timeout
-        conf = {
-            "queue.buffering.max.messages": max(queue_max * 4, 100_000),
-            "message.timeout.ms": delivery_timeout_ms,
-            "error_cb": self._on_error,
-            **overrides,
-        }
-        self.producer = Producer(producer_config(settings, **conf))
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # the background thread waits for jobs
         self._progress = threading.Condition(self._lock)  # callers wait for room or for flush
@@ -98,18 +88,25 @@ class EventEmitter:
         self._seq = 0  # jobs submitted
         self._watermark = 0  # every job with seq <= watermark is complete
         self._done_ahead: set[int] = set()  # complete jobs above the watermark
-        self._inflight = 0  # records handed to librdkafka, not yet reported
-        self._failures: list[tuple[int, str]] = []
-        self.delivered = 0
-        self.failed = 0
-        self._closing = False
+        self._failures: list[tuple[int, int, str]] = []  # (seq, events, reason)
+        self._unencoded = 0
         self._closed = False
-        self._last_error_log = 0.0
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self.core = KafkaCore(settings, queue_max=max(queue_max * 4, 100_000), name=name, work=self._work,
+                              **{"message.timeout.ms": delivery_timeout_ms, **overrides})
+        self.producer = self.core.producer
         atexit.register(self.close)
 
     # --- the caller's side -----------------------------------------------------------------
+
+    @property
+    def delivered(self) -> int:
+        """Events Kafka acknowledged."""
+        return self.core.delivered
+
+    @property
+    def failed(self) -> int:
+        """Events that could not be encoded or that Kafka refused."""
+        return self.core.failed + self._unencoded
 
     def pending(self) -> int:
         """Jobs submitted and not yet complete (queued, or awaiting Kafka's acknowledgement)."""
@@ -131,7 +128,7 @@ class EventEmitter:
                 self._wait_for_room(n)
             for topic, key, payload in items:
                 self._seq += 1
-                self._queue.append(Job(self, self._seq, topic, key, payload))
+                self._queue.append(Job(self._seq, topic, key, payload))
             self._wake.notify()
             return self._seq
 
@@ -170,14 +167,13 @@ class EventEmitter:
                         f"{waiting} event(s) not acknowledged by Kafka within {timeout:.1f}s "
                         "(they stay queued and are retried)"
                     )
-                self._wake.notify()
-                self._progress.wait(min(left, 0.5))
+                self._progress.wait(left)
             failures = [f for f in self._failures if f[0] <= target]
             if failures:
                 self._failures = [f for f in self._failures if f[0] > target]
         if failures:
-            sample = "; ".join(reason for _, reason in failures[:3])
-            raise DeliveryError(f"{len(failures)} event(s) were not published: {sample}")
+            sample = "; ".join(reason for _, _, reason in failures[:3])
+            raise DeliveryError(f"{sum(n for _, n, _ in failures)} event(s) were not published: {sample}")
 
     def close(self, timeout: float | None = None) -> int:
         """Flush, then stop the background thread; returns the number of events not delivered."""
@@ -189,28 +185,24 @@ class EventEmitter:
         except DeliveryError as exc:
             log.error("closing the event emitter: %s", exc)
         with self._lock:
-            self._closed = self._closing = True
+            self._closed = True
             self._wake.notify()
-        self._thread.join(timeout=5.0)
-        remaining = int(self.producer.flush(1.0))
+        remaining = self.core.close(1.0)
         atexit.unregister(self.close)
         return remaining + self.pending()
 
     # --- the background thread -------------------------------------------------------------
 
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                if not self._queue:
-                    if self._closing:
-                        return  # close() already waited for delivery as long as it was allowed to
-                    if not self._inflight:
-                        self._wake.wait(0.2)
-                batch = list(self._queue)
-                self._queue.clear()
-            for job in batch:
-                self._send(job)
-            self.producer.poll(0 if batch else 0.005)
+    def _work(self) -> float:
+        """The delivery thread's turn between polls: send what was submitted; returns the next poll's timeout."""
+        with self._lock:
+            if not self._queue and not self.pending() and not self._closed:
+                self._wake.wait(0.2)  # nothing in flight: no report to serve, wait for a job
+            batch = list(self._queue)
+            self._queue.clear()
+        for job in batch:
+            self._send(job)
+        return 0 if batch else 0.005
 
     def _send(self, job: Job) -> None:
         try:
@@ -220,48 +212,25 @@ class EventEmitter:
             values = [self.codec.encode(job.topic, r) for r in records]
         except Exception as exc:  # a bad record must not stop the thread; it is reported by flush()
             log.error("cannot encode an event for %s (key %r): %s", job.topic, job.key, exc)
-            self._complete(job, f"{job.topic}: {exc}")
+            with self._lock:
+                self._unencoded += 1
+                self._complete(job, 1, f"{job.topic}: {exc}")
             return
         job.payload = {}  # release the records
         if not values:
-            self._complete(job, None)
+            with self._lock:
+                self._complete(job, 0, None)
             return
+        self.core.send(job.topic, key, values, Delivery(len(values), on_done=functools.partial(self._delivered, job)))
+
+    def _delivered(self, job: Job, delivery: Delivery) -> None:
         with self._lock:
-            job.remaining = len(values)
-            self._inflight += len(values)
-        for value in values:
-            while True:
-                try:
-                    self.producer.produce(job.topic, value=value, key=key, on_delivery=job.on_delivery)
-                    break
-                except BufferError:
-                    self.producer.poll(0.05)  # librdkafka's queue is full: serve reports, retry
+            self._complete(job, delivery.failures, None if delivery.error is None else f"{job.topic}: {delivery.error}")
 
-    def _delivered(self, job: Job, error: str | None) -> None:
-        with self._lock:
-            self._inflight -= 1
-            if error is None:
-                self.delivered += 1
-            else:
-                self.failed += 1
-                log.error("event to %s (key %r) was not delivered: %s", job.topic, job.key, error)
-                self._fail(job, f"{job.topic}: {error}")
-            job.remaining -= 1
-            if job.remaining == 0:
-                self._advance(job.seq)
-
-    def _complete(self, job: Job, error: str | None) -> None:
-        with self._lock:
-            if error is not None:
-                self.failed += 1
-                self._fail(job, error)
-            self._advance(job.seq)
-
-    def _fail(self, job: Job, reason: str) -> None:  # holds self._lock
-        if len(self._failures) < MAX_REPORTED_FAILURES:
-            self._failures.append((job.seq, reason))
-
-    def _advance(self, seq: int) -> None:  # holds self._lock
+    def _complete(self, job: Job, failures: int, reason: str | None) -> None:  # holds self._lock
+        if reason is not None and len(self._failures) < MAX_REPORTED_FAILURES:
+            self._failures.append((job.seq, failures, reason))
+        seq = job.seq
         if seq == self._watermark + 1:
             self._watermark = seq
             while self._watermark + 1 in self._done_ahead:
@@ -270,9 +239,3 @@ class EventEmitter:
         else:
             self._done_ahead.add(seq)
         self._progress.notify_all()
-
-    def _on_error(self, err: KafkaError) -> None:
-        now = time.monotonic()
-        if err.fatal() or now - self._last_error_log > 10.0:  # repeated every few seconds while down
-            self._last_error_log = now
-            log.warning("kafka: %s (%d event(s) waiting)", err, self.pending())

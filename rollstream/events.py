@@ -1,22 +1,20 @@
-"""Publishing and reading events: a thin layer over confluent-kafka and the codec."""
+"""Publishing and reading events: a thin layer over the codec, the producer core (``kafka_core``) and a consumer."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import Consumer, KafkaError
 
 from rollstream.errors import RollstreamError
+from rollstream.producers.kafka_core import Delivery, KafkaCore
 from rollstream.schemas import EventType, schema_text
 from rollstream.schemas.codec import EventCodec, register, registry_client
-from rollstream.schemas.topics import Topics, consumer_config, create_topics, producer_config
+from rollstream.schemas.topics import Topics, consumer_config, create_topics
 from rollstream.settings import ConnectionSettings
-
-log = logging.getLogger(__name__)
 
 
 def prepare_codec(
@@ -38,39 +36,39 @@ class DeliveryError(RollstreamError):
 
 
 class EventProducer:
-    """Encodes events with the registry and publishes them idempotently, keyed by rollout."""
+    """Encodes events with the registry and publishes them idempotently, keyed by rollout; ``flush`` waits."""
 
     def __init__(self, codec: EventCodec, settings: ConnectionSettings | None = None, **overrides: Any) -> None:
         self.codec = codec
-        self.producer = Producer(producer_config(settings, **overrides))
-        self.delivered = 0
         self.failed: list[str] = []
+        self.core = KafkaCore(settings, name="rollstream-events", on_report=self._count, **overrides)
+        self.producer = self.core.producer
 
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self.failed.append(f"{msg.topic()}: {err}")
-            log.error("delivery to %s failed: %s", msg.topic(), err)
-        else:
-            self.delivered += 1
+    @property
+    def delivered(self) -> int:
+        return self.core.delivered
 
-    def publish(self, topic: str, key: str, record: dict[str, Any]) -> None:
+    def _count(self, topic: str, error: str | None) -> None:
+        if error is not None:
+            self.failed.append(f"{topic}: {error}")
+
+    def publish(self, topic: str, key: str, record: dict[str, Any]) -> Delivery:
+        """Enqueue ``record``, waiting while the local queue is full; its Delivery can be waited for."""
         value = self.codec.encode(topic, record)
-        while True:
-            try:
-                self.producer.produce(
-                    topic, value=value, key=self.codec.encode_key(topic, key), on_delivery=self._on_delivery
-                )
-                break
-            except BufferError:
-                self.producer.poll(0.1)  # local queue full: serve delivery reports, then retry
-        self.producer.poll(0)
+        delivery = Delivery(1)
+        self.core.send(topic, self.codec.encode_key(topic, key), [value], delivery)
+        return delivery
 
     def flush(self, timeout: float = 30.0) -> None:
-        remaining = self.producer.flush(timeout)
+        remaining = self.core.flush(timeout)
         if remaining:
             raise DeliveryError(f"{remaining} event(s) still undelivered after {timeout:.0f}s")
         if self.failed:
             raise DeliveryError(f"{len(self.failed)} event(s) failed: {self.failed[:3]}")
+
+    def close(self, timeout: float = 30.0) -> int:
+        """Stop the delivery thread, after waiting up to ``timeout`` s; returns the number of events undelivered."""
+        return self.core.close(timeout)
 
 
 @dataclass(frozen=True)
