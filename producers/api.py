@@ -4,7 +4,8 @@
 - ``POST /v1/rollouts/{id}/finish`` → RolloutEvent SUCCEEDED / FAILED / CANCELLED;
 - ``POST /v1/rollouts/{id}/rewards`` → Reward (finite ``value``; NaN and infinities refused).
 
-Invalid input is answered 422 with the offending field in ``error.param`` and the message.
+Invalid input raises ``InvalidEventError`` naming the offending field (``param``), which each front
+end maps: the gateway answers 422 with it in ``error.param``, the SDK raises ``ProducerError``.
 
 Every body may carry the client's own ``event_id`` (by default the gateway makes one up and
 answers with it). A retry that sends the same ``event_id`` (and, for a reward, the same
@@ -19,16 +20,17 @@ import math
 import uuid
 from typing import Any
 
-from rollstream.producers.http import HttpError
 from rollstream.schemas import make_event
+
+from rollstream.errors import InvalidEventError
 
 MAX_ID = 256
 MAX_ATTEMPT = 2**31 - 1  # attempts are Avro ints
 FINISH_STATUSES = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
-def _invalid(param: str, message: str) -> HttpError:
-    return HttpError(422, f"'{param}': {message}", param=param, code="invalid_field")
+def _invalid(param: str, message: str) -> InvalidEventError:
+    return InvalidEventError(f"'{param}': {message}", param)
 
 
 def _known(body: dict[str, Any], allowed: set[str]) -> None:

@@ -222,9 +222,10 @@ class Gateway:
 
         try:
             await self._route(scope, receive, tracked_send)
-        except HttpError as exc:
-            status = exc.status
-            await exc.send(send, anthropic=endpoint == "messages")
+        except (HttpError, api.InvalidEventError) as exc:
+            error = HttpError.of(exc)
+            status = error.status
+            await error.send(send, anthropic=endpoint == "messages")
         except Exception:
             log.exception("unexpected error serving %s %s", scope["method"], scope["path"])
             await respond(send, 500, HttpError(500, "internal gateway error").body())
@@ -249,7 +250,7 @@ class Gateway:
             return
         try:
             path, who = parse_attribution(path, scope)
-        except HttpError:
+        except (HttpError, api.InvalidEventError):
             self._authorize(scope, "models")  # only callers with a key learn what is wrong with the attribution
             raise
         if path.startswith("/v1/"):

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from rollstream.errors import GatewayError
+from rollstream.errors import GatewayError, InvalidEventError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -53,6 +53,13 @@ class HttpError(GatewayError):
         self.code = code
         self.extra = extra
         self.headers = headers or []
+
+    @classmethod
+    def of(cls, exc: HttpError | InvalidEventError) -> HttpError:
+        """``exc`` as the gateway answers it: an invalid event (``api``'s validation) is a 422 naming its field."""
+        if isinstance(exc, InvalidEventError):
+            return cls(422, exc.message, param=exc.param, code="invalid_field")
+        return exc
 
     def body(self) -> bytes:
         return error_body(self.status, self.message, self.param, self.code, self.extra)

@@ -36,12 +36,11 @@ from typing import Any, ParamSpec, TypeVar, cast, get_args
 
 from rollstream.producers import api
 from rollstream.producers.emitter import EventEmitter, OnFull, Payload
-from rollstream.producers.http import HttpError
 from rollstream.schemas import schema_text
 from rollstream.schemas.codec import EventCodec, register, registry_client
 from rollstream.schemas.topics import Topics
 
-from rollstream.errors import ConfigError, ProducerError
+from rollstream.errors import ConfigError, InvalidEventError, ProducerError
 from rollstream.events import DeliveryError
 from rollstream.settings import ConnectionSettings, env, env_float, env_int
 
@@ -104,11 +103,11 @@ def bind(fn: Callable[P, R]) -> Callable[P, R]:
     return run
 
 
-def _checked(make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """A record from the API's validators, with their errors as ProducerError."""
+def _checked(make: Callable[[], R]) -> R:
+    """What the API's validators return, with their errors as ProducerError."""
     try:
         return make()
-    except HttpError as exc:
+    except InvalidEventError as exc:
         raise ProducerError(exc.message) from exc
 
 
@@ -216,7 +215,7 @@ class Rollout:
 
     def __init__(self, client: Client, rollout_id: str, *, attempt: int, task_id: str | None, group_id: str | None,
                  policy: str, agent_name: str | None, metadata: dict[str, str]) -> None:
-        api.check_id(rollout_id, "rollout_id")
+        _checked(lambda: api.check_id(rollout_id, "rollout_id"))
         self.client = client
         self.rollout_id = rollout_id
         self.attempt = attempt

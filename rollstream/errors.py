@@ -17,6 +17,15 @@ class SerializationError(RollstreamError):
     """An event could not be encoded or decoded."""
 
 
+class InvalidEventError(RollstreamError):
+    """A rollout, reward or call fails validation; ``param`` names the offending field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
 class TopicError(RollstreamError):
     """A Kafka topic is missing or configured differently than the system needs."""
 

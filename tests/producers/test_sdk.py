@@ -115,6 +115,8 @@ def test_rewards_and_finish_by_rollout_id_are_validated(client: Client, sink: Li
         client.finish("later", "DONE")
     with pytest.raises(ProducerError, match="rollout_id"):
         client.reward("a/b", 1.0)
+    with pytest.raises(ProducerError, match="rollout_id"):
+        client.rollout("a/b")
 
 
 def test_context_is_per_task_and_carried_into_threads_only_when_asked(client: Client) -> None:
