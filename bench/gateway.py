@@ -14,7 +14,10 @@ and its throughput as a ratio of direct.
 The gateway's translated routes are measured beside its chat route, against the same chat backend:
 ``gw-responses`` (``POST /v1/responses``, OpenAI Responses API) and ``gw-messages`` (``POST /v1/messages``,
 Anthropic Messages), at concurrencies up to 16; each row's ``added_vs_chat`` is the latency it adds over
-the latency the chat route adds (the target is at most 1.5).
+the latency the chat route adds (the target is at most 1.5). A tail latency drifts with whatever else the
+machine does, so each measurement is split into ``--rounds`` rounds that take the targets in turn
+(direct, gateway, gw-responses, gw-messages, direct, ...); a row's figures are the medians over rounds,
+and ``added_vs_chat`` is the median of the per-round ratios.
 
 LiteLLM is installed on first use into its own virtual environment
 (~/.cache/rollstream/bench-litellm, pinned below); --no-litellm skips it. The gateway answers
@@ -292,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="short measurements (under a minute in all)")
     p.add_argument("--seconds", type=float, help="seconds per measurement (default 8; quick: 1.2)")
     p.add_argument("--concurrency", default="1,16,128")
+    p.add_argument("--rounds", type=int, help="rounds each measurement is split into, targets in turn (default 4; "
+                                              "quick: 1)")
     p.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM comparison")
     p.add_argument("--acks", choices=["kafka", "queued", "both"], default="kafka",
                    help="the gateway's ROLLSTREAM_GATEWAY_ACKS (both: one gateway of each)")
@@ -304,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_loadgen()
 
     seconds = args.seconds or (1.2 if args.quick else 8.0)
+    rounds = max(1, args.rounds or (1 if args.quick else 4))
     warmup = 0.3 if args.quick else 1.0
     levels = [int(c) for c in args.concurrency.split(",")]
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"rollstream-bench-{uuid.uuid4().hex[:8]}"
@@ -374,26 +380,34 @@ def main(argv: list[str] | None = None) -> int:
             for conc in levels:
                 row: dict[str, Any] = {"mode": "stream" if stream else "whole", "concurrency": conc}
                 names = [n for n, t in targets.items() if t[3] == "chat" or conc <= DIALECT_MAX_CONCURRENCY]
+                per_round: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+                for _ in range(rounds):
+                    for name in names:
+                        url, headers, pid, kind = targets[name]
+                        cpu0 = cpu_seconds(pid)
+                        r = measure(url, headers, conc, stream, kind, seconds / rounds)
+                        # CPU of the serving process per request (warm-up included, so slightly high);
+                        # for proxies this is the proxy's own cost, whatever else runs on the machine.
+                        total = r["requests"] * (seconds / rounds + warmup) / (seconds / rounds)
+                        r["cpu_us_per_request"] = 1e6 * (cpu_seconds(pid) - cpu0) / total if total else None
+                        per_round[name].append(r)
                 for name in names:
-                    url, headers, pid, kind = targets[name]
-                    cpu0 = cpu_seconds(pid)
-                    row[name] = r = measure(url, headers, conc, stream, kind)
-                    # CPU of the serving process per request (warm-up included, so slightly high);
-                    # for proxies this is the proxy's own cost, whatever else runs on the machine.
-                    total = r["requests"] * (seconds + warmup) / seconds
-                    r["cpu_us_per_request"] = 1e6 * (cpu_seconds(pid) - cpu0) / total if total else None
+                    row[name] = _median_round(per_round[name])
                 direct = row["direct"]
                 for name in names:
                     if name == "direct":
                         continue
                     r = row[name]
-                    r["added_p50_ms"] = r["p50_ms"] - direct["p50_ms"] if r["p50_ms"] is not None else None
-                    r["added_p99_ms"] = r["p99_ms"] - direct["p99_ms"] if r["p99_ms"] is not None else None
+                    for q in ("p50", "p99"):
+                        r[f"added_{q}_ms"] = _median([_added(x, d, q) for x, d in
+                                                      zip(per_round[name], per_round["direct"], strict=True)])
                     r["throughput_ratio"] = r["rps"] / direct["rps"] if direct["rps"] else None
                 for name in ("gw-responses", "gw-messages"):
                     if name in row:
                         row[name]["added_vs_chat"] = {
-                            q: _ratio(row[name][f"added_{q}_ms"], row["gateway"][f"added_{q}_ms"])
+                            q: _median([_ratio(_added(x, d, q), _added(c, d, q))
+                                        for x, c, d in zip(per_round[name], per_round["gateway"], per_round["direct"],
+                                                           strict=True)])
                             for q in ("p50", "p99")}
                 results.append(row)
                 print_row(row, names)
@@ -401,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         enqueued = gateway_metric("rollstream_gateway_events_enqueued_total")
         published = gateway_metric("rollstream_gateway_events_published_total")
         summary = {
-            "bench": "gateway", "quick": args.quick, "seconds_per_measurement": seconds, "cpus": os.cpu_count(),
+            "bench": "gateway", "quick": args.quick, "seconds_per_measurement": seconds, "rounds": rounds,
+            "cpus": os.cpu_count(),
             "litellm_version": None if litellm is None else LITELLM_VERSION, "gateway_acks": modes,
             "gateway_events_enqueued": enqueued - enqueued_before,
             "gateway_events_published": published - published_before,
@@ -425,6 +440,30 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _added(measured: dict[str, Any], direct: dict[str, Any], q: str) -> float | None:
+    """The latency quantile ``q`` (p50, p99) a proxy adds over the direct call in the same round."""
+    a, b = measured[f"{q}_ms"], direct[f"{q}_ms"]
+    return a - b if a is not None and b is not None else None
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One target's figures over rounds: counts summed, the rest the median of the rounds."""
+    out: dict[str, Any] = {"rounds": len(rounds)}
+    for key, value in rounds[0].items():
+        if key in ("requests", "errors"):
+            out[key] = sum(r[key] for r in rounds)
+        elif isinstance(value, int | float) or value is None:
+            out[key] = _median([r[key] for r in rounds])
+        else:
+            out[key] = value
+    return out
 
 
 def _ratio(value: float | None, baseline: float | None) -> float | None:
