@@ -67,12 +67,8 @@ def solve(client: OpenAI, model: str, task: Task, temperature: float, max_tokens
     expr = tasks.parse_arguments(call.function.arguments) if call.function.name == tasks.TOOL_NAME else None
     # The call goes back exactly as the model made it; a call of another tool, or arguments that are
     # not the calculator's, gets "error" as its result.
-    messages += [
-        {"role": "assistant", "content": message.content, "tool_calls": [
-            {"id": call.id, "type": "function",
-             "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
-        tasks.tool_message(call.id, tasks.calculator(expr) if expr is not None else "error"),
-    ]
+    messages += [tasks.tool_call(call.id, call.function.arguments, call.function.name, message.content),
+                 tasks.tool_message(call.id, tasks.calculator(expr) if expr is not None else "error")]
     second = client.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
                                             tools=[tasks.CALCULATOR],  # type: ignore[list-item]
                                             temperature=temperature, max_tokens=max_tokens)

@@ -148,11 +148,10 @@ def first_messages(task: Task, system: str = SYSTEM) -> list[dict[str, Any]]:
     return [{"role": "system", "content": system}, {"role": "user", "content": task.question}]
 
 
-def tool_call(call_id: str, expr: str) -> dict[str, Any]:
-    """An assistant message calling the calculator (OpenAI chat shape)."""
-    arguments = json.dumps({"expression": expr})
-    return {"role": "assistant", "content": None, "tool_calls": [
-        {"id": call_id, "type": "function", "function": {"name": TOOL_NAME, "arguments": arguments}}]}
+def tool_call(call_id: str, arguments: str, name: str = TOOL_NAME, content: str | None = None) -> dict[str, Any]:
+    """An assistant message making one tool call (OpenAI chat shape), ``arguments`` as JSON text."""
+    return {"role": "assistant", "content": content, "tool_calls": [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]}
 
 
 def tool_message(call_id: str, content: str) -> dict[str, Any]:
@@ -202,7 +201,7 @@ def warm_start_dialogues(n: int, seed: int = 0) -> list[dict[str, Any]]:
         messages = first_messages(task, system or SYSTEM)[0 if system else 1:]
         # The second turn is always right: copy the tool's result into the answer.
         final = json.dumps({"answer": result}) if system == JSON_SYSTEM else f"Answer: {result}"
-        messages += [tool_call(call_id, expr), tool_message(call_id, calculator(expr)),
+        messages += [tool_call(call_id, json.dumps({"expression": expr})), tool_message(call_id, calculator(expr)),
                      {"role": "assistant", "content": final}]
         out.append({"messages": messages, "tools": [CALCULATOR if rng.random() < 0.3 else tool_variant(rng)]})
     return out
