@@ -1,4 +1,4 @@
-"""Benchmark: generated tokens/s of ``rollstream serve`` at 1 and 16 concurrent requests.
+"""Benchmark: generated tokens/s of ``rollstream serve`` at 1 and 16 concurrent requests (and vLLM's).
 
 The baseline is sequential single-request generation with the same model in this
 process (the engine's decode loop, one request at a time, no HTTP): the batching gain is
@@ -8,6 +8,10 @@ Qwen2-style model built in code (random weights; no download), served by a
 
     .venv/bin/python bench/serve.py            # larger model, more requests
     .venv/bin/python bench/serve.py --quick    # under a minute
+    .venv/bin/python bench/serve.py --vllm     # vLLM's CPU build on the same model and load, and the ratios
+
+With ``--vllm`` the same requests go, after ``rollstream serve`` has stopped, to vLLM's OpenAI server
+(``scripts/setup-vllm.sh``; float32, started by ``rollstream.serving.vllm``), so both see the same machine.
 
 The last line printed is one JSON object with every figure.
 """
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller model and fewer requests (under a minute)")
     p.add_argument("--max-tokens", type=int, help="tokens per request (default 32 quick, 64 full)")
+    p.add_argument("--vllm", action="store_true", help="also vLLM's OpenAI server on the same model and load")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from rollstream.serving.launch import ServerProcess
@@ -114,6 +119,20 @@ def main(argv: list[str] | None = None) -> int:
             results["server_c16"] = asyncio.run(load(server.base_url, 16, n_batched, max_tokens, False))
             results["server_c16_stream"] = asyncio.run(load(server.base_url, 16, n_batched, max_tokens, True))
             stats = server.stats()
+        if args.vllm:
+            from rollstream.serving.vllm import VllmOptions, VllmProcess
+
+            options = VllmOptions(str(model_dir), "bench", tool_call_parser="", max_num_seqs=16)
+            with VllmProcess(options, log_path=Path(tmp) / "vllm.log") as vllm:
+                results["vllm_start_s"] = round(vllm.started_s, 1)
+                url = vllm.url + "/v1"
+                asyncio.run(load(url, 1, 2, 4, False))  # warm-up
+                results["vllm_c1"] = asyncio.run(load(url, 1, n_single, max_tokens, False))
+                results["vllm_c16"] = asyncio.run(load(url, 16, n_batched, max_tokens, False))
+                results["vllm_c16_stream"] = asyncio.run(load(url, 16, n_batched, max_tokens, True))
+            for c in ("c1", "c16", "c16_stream"):
+                ours, theirs = results[f"server_{c}"]["tokens_per_s"], results[f"vllm_{c}"]["tokens_per_s"]
+                results[f"vllm_vs_serve_{c}"] = theirs / ours
     base = results["sequential_in_process"]["tokens_per_s"]
     results["batching_gain_vs_sequential"] = results["server_c16"]["tokens_per_s"] / base
     results["server_c1_vs_sequential"] = results["server_c1"]["tokens_per_s"] / base
@@ -123,13 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rollstream serve: Qwen2-style h{hidden} x{layers} layers (random weights), {max_tokens} tokens/request, "
           f"{results['cpu_threads']} CPU threads")
     print(f"{'run':28} {'requests':>8} {'tokens':>7} {'tok/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs seq':>7}")
-    for name in ("sequential_in_process", "server_c1", "server_c16", "server_c16_stream"):
+    names = ["sequential_in_process", "server_c1", "server_c16", "server_c16_stream"]
+    names += ["vllm_c1", "vllm_c16", "vllm_c16_stream"] if args.vllm else []
+    for name in names:
         r = results[name]
         print(f"{name:28} {r['requests']:>8} {r['tokens']:>7} {r['tokens_per_s']:>9.1f} "
               f"{r.get('p50_ms', float('nan')):>8.1f} {r.get('p99_ms', float('nan')):>8.1f} "
               f"{r['tokens_per_s'] / base:>6.2f}x")
     print(f"batching gain (16 concurrent vs sequential): {results['batching_gain_vs_sequential']:.2f}x; "
           f"largest batch seen: {results['max_batch_size_observed']}")
+    if args.vllm:
+        print("vLLM vs rollstream serve (tokens/s): " + ", ".join(
+            f"{c} {results[f'vllm_vs_serve_{c}']:.2f}x" for c in ("c1", "c16", "c16_stream"))
+            + f"; vLLM started in {results['vllm_start_s']} s")
     print(json.dumps(results, separators=(",", ":")))
     return 0
 

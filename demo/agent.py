@@ -54,11 +54,13 @@ class Episode:
 def solve(client: OpenAI, model: str, task: Task, temperature: float, max_tokens: int = 48) -> Episode:
     """The agent: a calculator tool call, then the final answer (at most two model calls)."""
     messages: list[dict[str, Any]] = tasks.first_messages(task)
-    first = client.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
-                                           tools=[tasks.CALCULATOR],  # type: ignore[list-item]
-                                           temperature=temperature, max_tokens=max_tokens)
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                                           tools=[tasks.CALCULATOR],  # type: ignore[list-item]
+                                                           temperature=temperature, max_tokens=max_tokens)
+    first = raw.parse()
     message = first.choices[0].message
-    version = (first.model_extra or {}).get("policy_version")
+    header = raw.headers.get("x-policy-version")  # rollstream serve and rollstream vllm send it
+    version = int(header) if header is not None else (first.model_extra or {}).get("policy_version")
     calls = [c for c in message.tool_calls or [] if c.type == "function"]
     if not calls:  # no tool call: take whatever answer the model gave
         answer = tasks.parse_answer(message.content or "")

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic-prefix", default="", help="topic prefix (default: a fresh demo.<run>. per run)")
     p.add_argument("--run-dir", default="", help="run folder (default: $ROLLSTREAM_HOME/demo/runs/<run>)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server and the trainer")
+    p.add_argument("--engine", default="serve", choices=["serve", "vllm"],
+                   help="serve: rollstream serve; vllm: vLLM (scripts/setup-vllm.sh) behind rollstream vllm")
     p.add_argument("--quick", action="store_true", help="a short run for tests: small eval, 6-minute budget")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     conn = dataclasses.replace(conn, topic_prefix=args.topic_prefix or f"demo.{run_id}.")
     train_args = trainer_args(args, conn, run_id)
     held_out = tasks.eval_tasks(args.eval_tasks)
-    loop = Loop(run_dir, conn, model_dir, args.policy, train_args, run_id, threads=args.threads)
+    loop = Loop(run_dir, conn, model_dir, args.policy, train_args, run_id, threads=args.threads, engine=args.engine)
     curves = Curves()
     summary: dict[str, Any] = {"run_dir": str(run_dir), "model": str(model_dir), "topic_prefix": conn.topic_prefix,
                                "policy": args.policy}
@@ -142,8 +144,10 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             version_before=v0, version_after=v1, served_version=stats.get("policy_version"),
             reloads=stats.get("reloads"), trainer_steps=loop.trainer.step, rollouts=workers.stats.rollouts,
             agent_errors=workers.stats.errors, training_seconds=round(time.monotonic() - t0, 1),
-            restarts=dict(loop.restarts),
+            restarts=dict(loop.restarts), engine=args.engine,
         )
+        if args.engine == "vllm":  # each version's load: published -> served
+            summary["loads"] = loop.server.stats().get("loads")
     finally:
         if workers is not None:
             workers.stop()

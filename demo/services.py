@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,12 +99,39 @@ class TrainerProgress:
             self.rewards.append((self.step, self.reward))
 
 
+class VllmFrontProcess(ServerProcess):
+    """``rollstream vllm`` (vLLM's OpenAI server and the policy front that loads each PolicyUpdate) in the
+    place of ``rollstream serve``: the same URLs, and ``stats()`` from the front's ``GET /policy``."""
+
+    def start(self, timeout: float = 400.0) -> ServerProcess:
+        cmd = [sys.executable, "-m", "rollstream.cli", "vllm", "--model", self.model, "--policy", self.policy,
+               "--port", str(self.port), *self.args]
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise DemoError(f"rollstream vllm exited with {self.process.returncode}: {self.log_tail()}")
+            try:
+                get_json(self.url + "/policy", timeout=1.0)
+                urllib.request.urlopen(self.url + "/health", timeout=1.0).close()
+                return self
+            except (urllib.error.URLError, OSError, ValueError):
+                time.sleep(0.5)
+        self.stop()
+        raise DemoError(f"rollstream vllm did not answer within {timeout:.0f}s: {self.log_tail()}")
+
+    def stats(self) -> dict[str, Any]:
+        policy = get_json(self.url + "/policy")
+        return {"policy_version": policy["version"], "reloads": len(policy["loads"]), "loads": policy["loads"]}
+
+
 class Loop:
     """Server, gateway, processor and trainer for one run; ``stop()`` ends every one it started."""
 
     def __init__(self, run_dir: Path, conn: ConnectionSettings, model_dir: Path, policy: str,
                  train_args: list[str], run_id: str, threads: int = 1,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, engine: str = "serve") -> None:
         self.run_dir = run_dir
         self.run_id = run_id
         self.conn = conn
@@ -111,6 +139,7 @@ class Loop:
         self.policy = policy
         self.train_args = train_args
         self.threads = threads
+        self.engine = engine  # serve: rollstream serve; vllm: vLLM behind rollstream vllm
         self.children: list[Child] = []
         self.server: ServerProcess | None = None
         self.gateway_url = ""
@@ -159,11 +188,18 @@ class Loop:
 
     def start(self, timeout: float = 180.0) -> None:
         self.create_topics()
-        self.server = ServerProcess(self.model_dir, policy=self.policy, env=self.env,
-                                    log_path=self.run_dir / "serve.log",
-                                    args=["--topic-prefix", self.conn.topic_prefix, "--threads", str(self.threads),
-                                          "--max-batch", "64", "--log-level", "warning"])
-        self.server.start(timeout)
+        if self.engine == "vllm":
+            self.server = VllmFrontProcess(self.model_dir, policy=self.policy, env=self.env,
+                                           log_path=self.run_dir / "vllm-front.log",
+                                           args=["--topic-prefix", self.conn.topic_prefix, "--max-num-seqs", "32",
+                                                 "--log", str(self.run_dir / "vllm.log")])
+            self.server.start(max(timeout, 400.0))
+        else:
+            self.server = ServerProcess(self.model_dir, policy=self.policy, env=self.env,
+                                        log_path=self.run_dir / "serve.log",
+                                        args=["--topic-prefix", self.conn.topic_prefix, "--threads", str(self.threads),
+                                              "--max-batch", "64", "--log-level", "warning"])
+            self.server.start(timeout)
         log.info("started the policy server (pid %d) at %s", self.server.process.pid if self.server.process else -1,
                  self.server.url)
         port = free_port()

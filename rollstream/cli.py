@@ -69,6 +69,7 @@ def _topics(args: argparse.Namespace, console: Console) -> int:
 # Subcommands whose options belong to their own module's ``main(argv)``.
 DELEGATED = {
     "serve": ("rollstream.serving.server", "the OpenAI-compatible policy server (transformers, CPU/GPU)"),
+    "vllm": ("rollstream.serving.vllm", "vLLM's OpenAI server with the policy sync in front (LoRA, reloads)"),
     "gateway": ("rollstream.producers.gateway", "the capturing OpenAI-compatible gateway and reward API"),
     "otlp": ("rollstream.producers.otlp", "the OTLP/HTTP trace receiver: GenAI and reward spans to events"),
     "process": ("rollstream.stream_processors.worker", "the stream processor: calls + rewards -> transitions"),

@@ -101,6 +101,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "Extra librdkafka settings for every Kafka client (SASL, TLS): JSON object or 'k=v,k=v'.",
     ),
     "OTLP_API_KEYS": ("", "OTLP receiver keys: 'key=traces,key2'; empty: no auth, loopback only."),
+    "VLLM_ENV": ("~/.cache/rollstream/vllm-env", "vLLM's own environment (scripts/setup-vllm.sh): rollstream vllm."),
     # --- serving (rollstream serve) ---
     "SERVE_HOST": ("127.0.0.1", "Address the policy server (rollstream serve) listens on."),
     "SERVE_PORT": ("8000", "Port the policy server listens on."),

@@ -1,4 +1,8 @@
-"""Hot reload: watch the policy-update topic and swap newer versions of our policy in.
+"""Hot reload: watch the policy-update topic and hand newer versions of a policy to a target.
+
+The target is ``rollstream serve``'s scheduler (``EngineTarget``: load, then swap between batches)
+or vLLM behind ``rollstream vllm`` (``serving/vllm_sync.py``: a LoRA adapter loaded at run time,
+or full weights reloaded in place).
 
 Each server reads the topic with a consumer group of its own, so every server sees every
 update. By default it reads the (compacted) topic from the beginning and so comes up on
@@ -14,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 from rollstream.schemas.codec import EventCodec, registry_client
@@ -32,19 +36,48 @@ RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # pauses between tries of a version that
 Loader = Callable[[str, int], Engine]
 
 
-class PolicyWatcher:
-    """Background thread: PolicyUpdate events of ``policy`` with a higher version → load → swap."""
+class ReloadTarget(Protocol):
+    """What serves the policy: the version it serves, the weight kinds it takes, and how it takes one."""
 
-    def __init__(self, scheduler: Scheduler, policy: str, load: Loader, topics: Topics,
-                 connection: ConnectionSettings | None = None, from_beginning: bool = True) -> None:
+    kinds: tuple[str, ...]
+
+    @property
+    def version(self) -> int: ...
+
+    def apply(self, update: dict[str, Any]) -> None:
+        """Serve the PolicyUpdate's weights (raises when they cannot be loaded; the old version stays)."""
+
+
+class EngineTarget:
+    """``rollstream serve``: load the weights into a new engine, then swap it in between batches."""
+
+    kinds = ("FULL",)
+
+    def __init__(self, scheduler: Scheduler, load: Loader) -> None:
         self.scheduler = scheduler
-        self.policy = policy
         self.load = load
+
+    @property
+    def version(self) -> int:
+        return self.scheduler.target_version
+
+    def apply(self, update: dict[str, Any]) -> None:
+        self.scheduler.swap(self.load(str(update["weights_uri"]), int(update["version"])))
+
+
+class PolicyWatcher:
+    """Background thread: PolicyUpdate events of ``policy`` with a higher version → the target."""
+
+    def __init__(self, target: ReloadTarget, policy: str, topics: Topics,
+                 connection: ConnectionSettings | None = None, from_beginning: bool = True,
+                 group_prefix: str = "rollstream-serve") -> None:
+        self.target = target
+        self.policy = policy
         self.topics = topics
         self.connection = connection or ConnectionSettings()
         self.from_beginning = from_beginning
         self.failures = 0
-        self.group_id = f"rollstream-serve-{policy}-{uuid.uuid4().hex[:12]}"
+        self.group_id = f"{group_prefix}-{policy}-{uuid.uuid4().hex[:12]}"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollstream-serve-reload", daemon=True)
 
@@ -94,7 +127,7 @@ class PolicyWatcher:
                         newest = update
                 if newest is None and retry is not None and time.monotonic() >= retry_at:
                     newest = retry
-                if newest is not None and newest["version"] > self.scheduler.target_version:
+                if newest is not None and newest["version"] > self.target.version:
                     if self._apply(newest):
                         retry, pause = None, RETRY_FIRST_S
                     else:  # S3 away, say: the version is not skipped, it is loaded once S3 is back
@@ -115,9 +148,9 @@ class PolicyWatcher:
             return None
         if update.get("policy") != self.policy:
             return None
-        if update.get("kind") != "FULL":
-            log.error("skipping policy update at %s: %s weights are not supported by this server, only FULL",
-                      where, update.get("kind"))
+        if update.get("kind") not in self.target.kinds:
+            log.error("skipping policy update at %s: %s weights are not supported here, only %s",
+                      where, update.get("kind"), " or ".join(self.target.kinds))
             return None
         return update
 
@@ -125,11 +158,10 @@ class PolicyWatcher:
         version, uri = int(update["version"]), str(update["weights_uri"])
         log.info("policy '%s' version %d published at %s; loading", self.policy, version, uri)
         try:
-            engine = self.load(uri, version)
+            self.target.apply(update)
         except Exception as exc:  # S3 errors come as urllib3/botocore exceptions too: never end the watcher
             self.failures += 1
             log.error("cannot load policy '%s' version %d from %s; still serving version %d, trying again: %s",
-                      self.policy, version, uri, self.scheduler.target_version, exc)
+                      self.policy, version, uri, self.target.version, exc)
             return False
-        self.scheduler.swap(engine)
         return True

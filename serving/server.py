@@ -37,7 +37,7 @@ from rollstream.serving.protocol import (
     parse_chat,
     parse_completion,
 )
-from rollstream.serving.reload import PolicyWatcher
+from rollstream.serving.reload import EngineTarget, PolicyWatcher
 from rollstream.serving.scheduler import Admitted, Event, Failed, Scheduler
 from rollstream.serving.tools import TOOL_CALL_PARSERS, ToolCallParser
 from starlette.applications import Starlette
@@ -250,9 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.updates:
         topics = Topics.from_settings(settings.connection)
         watcher = PolicyWatcher(
-            scheduler, settings.policy,
-            lambda uri, version: load_engine(uri, version, device, settings.connection),
-            topics, settings.connection, from_beginning=args.updates_from == "earliest",
+            EngineTarget(scheduler, lambda uri, version: load_engine(uri, version, device, settings.connection)),
+            settings.policy, topics, settings.connection, from_beginning=args.updates_from == "earliest",
         )
     server = PolicyServer(scheduler, settings.policy, settings.default_max_tokens, watcher, settings.model_names,
                           settings.tool_call_parser)
