@@ -71,7 +71,8 @@ async def load(base_url: str, concurrency: int, requests: int, max_tokens: int, 
             t0 = time.perf_counter()
             if stream:
                 chunks = await client.completions.create(model="bench", prompt=PROMPTS[i], max_tokens=max_tokens,
-                                                         temperature=1.0, seed=i, stream=True)
+                                                         temperature=1.0, seed=i, stream=True,
+                                                         stream_options={"include_usage": True})
                 async for chunk in chunks:
                     if chunk.usage is not None:
                         tokens += chunk.usage.completion_tokens

@@ -249,4 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{summary['rollouts']} rollouts, {summary['training_seconds']:.0f} s of training, "
         f"{summary['wall_seconds']:.0f} s in all\ncurves: {summary['png']}\nrun folder: {summary['run_dir']}; "
         "MLflow experiment 'rollstream-demo', registered model '" + summary["policy"] + "'")
+    loads = [x for x in summary.get("loads") or [] if x.get("published_to_served_s") is not None]
+    if loads:
+        took = sorted(x["published_to_served_s"] for x in loads)
+        console.print(f"vLLM loads: {len(loads)}; PolicyUpdate published -> new version served: median "
+                      f"{took[len(took) // 2]:.2f} s, max {took[-1]:.2f} s (download and reload: median "
+                      f"{sorted(x['seconds'] for x in loads)[len(loads) // 2]:.2f} s)")
     return 0

