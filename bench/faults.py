@@ -245,7 +245,7 @@ class FaultRun:
             model_dir = model.build_model(args.model)
         train_args = trainer_args(args, self.conn, self.run_id)
         self.loop = loop = Loop(self.run_dir, self.conn, model_dir, args.policy, train_args, self.run_id,
-                                threads=args.threads,
+                                threads=args.threads, engine=args.engine,
                                 extra_env={"ROLLSTREAM_PROCESS_EXPIRE_AFTER": str(args.expire_after)})
         self.say(f"run {self.run_id}: topics {self.conn.topic_prefix}*, logs in {self.run_dir}")
         try:

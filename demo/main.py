@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 def add_loop_arguments(p: argparse.ArgumentParser) -> None:
     """The knobs of the loop itself (model, agents, grouping, trainer), shared with the fault run."""
+    p.add_argument("--engine", default="serve", choices=["serve", "vllm"],
+                   help="serve: rollstream serve; vllm: vLLM (scripts/setup-vllm.sh) behind rollstream vllm")
     p.add_argument("--model", default="tiny", help="tiny (built and warm-started here), smollm2, or a model folder")
     p.add_argument("--agents", type=int, default=16, help="concurrent agent rollouts")
     p.add_argument("--group-size", type=int, default=8, help="rollouts per task (one GRPO group)")
@@ -69,8 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic-prefix", default="", help="topic prefix (default: a fresh demo.<run>. per run)")
     p.add_argument("--run-dir", default="", help="run folder (default: $ROLLSTREAM_HOME/demo/runs/<run>)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server and the trainer")
-    p.add_argument("--engine", default="serve", choices=["serve", "vllm"],
-                   help="serve: rollstream serve; vllm: vLLM (scripts/setup-vllm.sh) behind rollstream vllm")
     p.add_argument("--quick", action="store_true", help="a short run for tests: small eval, 6-minute budget")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
