@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,23 +102,7 @@ class VllmFrontProcess(ServerProcess):
     """``rollstream vllm`` (vLLM's OpenAI server and the policy front that loads each PolicyUpdate) in the
     place of ``rollstream serve``: the same URLs, and ``stats()`` from the front's ``GET /policy``."""
 
-    def start(self, timeout: float = 400.0) -> ServerProcess:
-        cmd = [sys.executable, "-m", "rollstream.cli", "vllm", "--model", self.model, "--policy", self.policy,
-               "--port", str(self.port), *self.args]
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise DemoError(f"rollstream vllm exited with {self.process.returncode}: {self.log_tail()}")
-            try:
-                get_json(self.url + "/policy", timeout=1.0)
-                urllib.request.urlopen(self.url + "/health", timeout=1.0).close()
-                return self
-            except (urllib.error.URLError, OSError, ValueError):
-                time.sleep(0.5)
-        self.stop()
-        raise DemoError(f"rollstream vllm did not answer within {timeout:.0f}s: {self.log_tail()}")
+    name, ready_path = "vllm", "/policy"  # the front answers once vLLM does
 
     def stats(self) -> dict[str, Any]:
         policy = get_json(self.url + "/policy")

@@ -5,8 +5,10 @@ For tests, benchmarks and demos that need a real server on a free port.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -54,22 +56,36 @@ class ServerProcess:
         """The OpenAI client's base_url."""
         return self.url + "/v1"
 
+    name, ready_path = "serve", "/health"  # the subcommand, and what answers once it serves
+    new_session = False  # its own process group (stop() then signals the whole group)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "rollstream.cli", self.name, "--model", self.model, "--policy", self.policy,
+                "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+
     def start(self, timeout: float = 120.0) -> ServerProcess:
-        cmd = [sys.executable, "-m", "rollstream.cli", "serve", "--model", self.model, "--policy", self.policy,
-               "--host", "127.0.0.1", "--port", str(self.port), *self.args]
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                        start_new_session=self.new_session)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServeError(f"rollstream serve exited with {self.process.returncode}: {self.log_tail()}")
+                raise ServeError(f"{self.label} exited with {self.process.returncode}: {self.log_tail()}")
             try:
-                get_json(self.url + "/health", timeout=1.0)
+                self.ready()
                 return self
             except (urllib.error.URLError, OSError, ValueError):
                 time.sleep(0.2)
         self.stop()
-        raise ServeError(f"rollstream serve did not answer /health within {timeout:.0f}s: {self.log_tail()}")
+        raise ServeError(f"{self.label} did not answer {self.ready_path} within {timeout:.0f}s: {self.log_tail()}")
+
+    @property
+    def label(self) -> str:
+        return f"rollstream {self.name}"
+
+    def ready(self) -> None:
+        """Returns once the server answers its ready path (raises OSError or ValueError before)."""
+        get_json(self.url + self.ready_path, timeout=1.0)
 
     def log_tail(self, chars: int = 3000) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -83,12 +99,20 @@ class ServerProcess:
     def stop(self, timeout: float = 15.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.terminate()
+        self._signal(signal.SIGTERM)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            self._signal(signal.SIGKILL)
             self.process.wait(timeout)
+
+    def _signal(self, sig: int) -> None:
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            if self.new_session:
+                os.killpg(self.process.pid, sig)
+            else:
+                self.process.send_signal(sig)
 
     def __enter__(self) -> ServerProcess:
         return self.start() if self.process is None else self

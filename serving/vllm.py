@@ -30,10 +30,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +40,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -51,7 +47,7 @@ import orjson
 import uvicorn
 from rollstream.producers.http import Receive, Scope, Send, read_body, respond
 from rollstream.schemas.topics import Topics
-from rollstream.serving.launch import free_port, get_json
+from rollstream.serving.launch import ServerProcess, get_json
 from rollstream.serving.reload import PolicyWatcher
 
 from rollstream.errors import ConfigError, RollstreamError, ServeError, StorageError
@@ -111,64 +107,37 @@ class VllmOptions:
         return out
 
 
-class VllmProcess:
-    """vLLM's OpenAI server as a child process on 127.0.0.1; waits for /health, stops by pid."""
+class VllmProcess(ServerProcess):
+    """vLLM's OpenAI server as a child process (its own process group) on 127.0.0.1; waits for /health."""
+
+    new_session = True  # vLLM's engine core is a process of its own: stop() ends the whole group
 
     def __init__(self, options: VllmOptions, port: int | None = None, log_path: Path | None = None,
                  env_extra: Mapping[str, str] | None = None) -> None:
+        super().__init__(options.model, options.served_name, port=port, log_path=log_path,
+                         env={**options.environment(), **(env_extra or {})})
         self.options = options
-        self.port = port or free_port()
-        self.log_path = log_path
-        self.env_extra = dict(env_extra or {})
-        self.process: subprocess.Popen[bytes] | None = None
         self.started_s = 0.0
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def label(self) -> str:
+        return "vLLM"
+
+    def command(self) -> list[str]:
+        return self.options.argv(self.port)
+
+    def ready(self) -> None:
+        urllib.request.urlopen(self.url + "/health", timeout=1.0).close()  # an empty 200, not JSON
 
     def start(self, timeout: float = 300.0) -> VllmProcess:
         started = time.monotonic()
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(self.options.argv(self.port), stdout=out, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **self.options.environment(), **self.env_extra},
-                                        start_new_session=True)
-        while time.monotonic() - started < timeout:
-            if self.process.poll() is not None:
-                raise ServeError(f"vLLM exited with {self.process.returncode}: {self.log_tail()}")
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=2).close()
-                self.started_s = time.monotonic() - started
-                log.info("vLLM answers on %s (started in %.0f s)", self.url, self.started_s)
-                return self
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.5)
-        self.stop()
-        raise ServeError(f"vLLM did not answer /health within {timeout:.0f}s: {self.log_tail()}")
-
-    def log_tail(self, chars: int = 3000) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return "(no log)"
-        return self.log_path.read_text(errors="replace")[-chars:]
+        super().start(timeout)
+        self.started_s = time.monotonic() - started
+        log.info("vLLM answers on %s (started in %.0f s)", self.url, self.started_s)
+        return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):  # its engine core runs in its process group
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout)
-
-    def __enter__(self) -> VllmProcess:
-        return self.start() if self.process is None else self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
+        super().stop(timeout)
 
 
 class PolicyFront:
