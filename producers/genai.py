@@ -14,24 +14,38 @@ from __future__ import annotations
 import base64
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
-from rollstream.producers.genai_content import input_messages, output_choices
+from rollstream.producers.genai_content import input_messages, output_choices, raw_request, raw_response, unflatten
 from rollstream.schemas import make_event
 
 from rollstream.errors import OtlpError
 
 SOURCE = "otlp"
 LLM_OPERATIONS = {"chat": "CHAT_COMPLETIONS", "generate_content": "CHAT_COMPLETIONS", "text_completion": "COMPLETIONS"}
+# OpenLLMetry up to 0.54 (and AgentOps, which carries its code) marks LLM spans with llm.request.type only.
+LLM_REQUEST_TYPES = {"chat": "CHAT_COMPLETIONS", "completion": "COMPLETIONS"}
 REWARD_SPAN_NAMES = {"rollstream.reward", "agentlightning.reward"}
+ANNOTATION_SPAN = "agentlightning.annotation"  # Agent Lightning 0.3: agentlightning.reward.<i>.name/.value
 ROLLOUT_KEYS = ("rollstream.rollout_id", "agentlightning.rollout_id")
+# What a span passes on to its descendants (and a root span to its rollout's end event).
+ATTRIBUTION_KEYS = (*ROLLOUT_KEYS, "rollstream.attempt", "agentlightning.attempt_id", "rollstream.agent_name",
+                    "gen_ai.agent.name", "rollstream.group_id", "agentlightning.group_id", "rollstream.task_id",
+                    "agentlightning.task_id", "rollstream.policy", "rollstream.policy_version")
+GROUP_KEYS = ("rollstream.group_id", "agentlightning.group_id")
+TASK_KEYS = ("rollstream.task_id", "agentlightning.task_id")
+GENAI_EVENT_PREFIX = "gen_ai."  # log events kept for their span: gen_ai.user.message, gen_ai.choice, ...
+STATUS_ERROR = 2  # Span.Status.STATUS_CODE_ERROR
+MAX_ERRORS = 5  # rejected spans named in the partial-success message
 REWARD_VALUE_KEYS = ("rollstream.reward.value", "agentlightning.reward", "reward")
 INT32 = (-(2**31), 2**31 - 1)  # most integer fields of LlmCall and Reward are Avro ints
 INT64 = (-(2**63), 2**63 - 1)
@@ -40,30 +54,43 @@ INT64 = (-(2**63), 2**63 - 1)
 def decode_request(body: bytes, content_type: str) -> ExportTraceServiceRequest:
     """An ExportTraceServiceRequest from an OTLP/HTTP body (binary protobuf or the OTLP JSON mapping)."""
     request = ExportTraceServiceRequest()
+    _decode(body, content_type, request, _span_ids)
+    return request
+
+
+def decode_logs(body: bytes, content_type: str) -> ExportLogsServiceRequest:
+    """An ExportLogsServiceRequest from an OTLP/HTTP ``/v1/logs`` body."""
+    request = ExportLogsServiceRequest()
+    _decode(body, content_type, request, _log_ids)
+    return request
+
+
+def _decode(body: bytes, content_type: str, request: Any, hex_ids: Any) -> None:
+    name = type(request).__name__
     kind = content_type.split(";")[0].strip().lower()
     if kind in ("application/x-protobuf", "application/protobuf"):
         try:
             request.ParseFromString(body)
         except DecodeError as exc:
-            raise OtlpError(f"body is not a protobuf ExportTraceServiceRequest: {exc}") from exc
-        return request
+            raise OtlpError(f"body is not a protobuf {name}: {exc}") from exc
+        return
     if kind == "application/json":
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise OtlpError(f"body is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
-            raise OtlpError(f"body must be a JSON object (ExportTraceServiceRequest), not {type(data).__name__}")
-        _hex_ids_to_base64(data)
+            raise OtlpError(f"body must be a JSON object ({name}), not {type(data).__name__}")
+        hex_ids(data)
         try:
             json_format.ParseDict(data, request, ignore_unknown_fields=True)
         except json_format.ParseError as exc:
-            raise OtlpError(f"body is not an OTLP JSON ExportTraceServiceRequest: {exc}") from exc
-        return request
+            raise OtlpError(f"body is not an OTLP JSON {name}: {exc}") from exc
+        return
     raise OtlpError(f"unsupported content type {content_type!r}; send application/x-protobuf or application/json")
 
 
-def _hex_ids_to_base64(data: dict[str, Any]) -> None:
+def _span_ids(data: dict[str, Any]) -> None:
     """OTLP JSON writes ids as hex; the protobuf JSON mapping (json_format) reads bytes as base64."""
     for i, rs in enumerate(_list(data, "resourceSpans")):
         for j, ss in enumerate(_list(rs, "scopeSpans")):
@@ -74,6 +101,15 @@ def _hex_ids_to_base64(data: dict[str, Any]) -> None:
                 for n, link in enumerate(_list(span, "links")):
                     _convert_id(link, "traceId", 16, f"{where}.links[{n}]")
                     _convert_id(link, "spanId", 8, f"{where}.links[{n}]")
+
+
+def _log_ids(data: dict[str, Any]) -> None:
+    for i, rl in enumerate(_list(data, "resourceLogs")):
+        for j, sl in enumerate(_list(rl, "scopeLogs")):
+            for k, record in enumerate(_list(sl, "logRecords")):
+                where = f"resourceLogs[{i}].scopeLogs[{j}].logRecords[{k}]"
+                _convert_id(record, "traceId", 16, where)
+                _convert_id(record, "spanId", 8, where)
 
 
 def _list(obj: Any, key: str) -> list[Any]:
@@ -119,21 +155,93 @@ class Mapped:
 
     calls: list[dict[str, Any]] = field(default_factory=list)
     rewards: list[dict[str, Any]] = field(default_factory=list)
+    rollouts: list[dict[str, Any]] = field(default_factory=list)  # rollout ends (root spans that name a rollout)
     ignored: int = 0  # neither an LLM span nor a reward span
-    unattributed: int = 0  # LLM spans without a rollout id
+    unattributed: int = 0  # LLM spans without a rollout id (on the span, an ancestor or the resource)
     spans: int = 0
+    rejected: int = 0  # malformed spans, refused one by one (OTLP partial success)
+    errors: list[str] = field(default_factory=list)  # why, one line per rejected span (the first few)
+    no_content: int = 0  # LLM spans recorded without any prompt or completion content
+
+
+LogEvent = tuple[str, dict[str, Any], Any]  # event name, attributes, body
+
+
+class TraceCache:
+    """What earlier export requests said about each trace, for the spans of later ones.
+
+    Spans of one trace arrive in several requests (a batch exporter sends children, which end
+    first, before their parents), and GenAI content may come as log events on ``/v1/logs``. The
+    cache keeps, for the most recent ``max_traces`` traces, each span's parent and the
+    attribution attributes it carried, and the GenAI log events of each span. It lives in the
+    receiver's memory: after a restart a span finds only what arrived since.
+    """
+
+    def __init__(self, max_traces: int = 20_000) -> None:
+        self.max_traces = max_traces
+        self.traces: OrderedDict[str, dict[str, tuple[str, dict[str, Any]]]] = OrderedDict()
+        self.logs: OrderedDict[tuple[str, str], list[LogEvent]] = OrderedDict()
+        self.mapped: OrderedDict[tuple[str, str], None] = OrderedDict()  # LLM spans already published
+
+    def note(self, trace_id: str, span_id: str, parent_id: str, attribution: dict[str, Any]) -> None:
+        nodes = self.traces.get(trace_id)
+        if nodes is None:
+            nodes = self.traces[trace_id] = {}
+            while len(self.traces) > self.max_traces:
+                self.traces.popitem(last=False)
+        else:
+            self.traces.move_to_end(trace_id)
+        nodes[span_id] = (parent_id, attribution)
+
+    def inherited(self, trace_id: str, parent_id: str) -> dict[str, Any]:
+        """The attribution of the span's ancestors, the nearest first for each key."""
+        nodes = self.traces.get(trace_id, {})
+        out: dict[str, Any] = {}
+        seen: set[str] = set()
+        while parent_id and parent_id in nodes and parent_id not in seen:
+            seen.add(parent_id)
+            parent_id, attribution = nodes[parent_id]
+            for key, value in attribution.items():
+                out.setdefault(key, value)
+        return out
+
+    def trace_info(self, trace_id: str) -> dict[str, Any]:
+        """Attribution found on any span of the trace (group and task ids set on an inner span)."""
+        out: dict[str, Any] = {}
+        for _, attribution in self.traces.get(trace_id, {}).values():
+            for key, value in attribution.items():
+                out.setdefault(key, value)
+        return out
+
+    def add_log(self, trace_id: str, span_id: str, event: LogEvent) -> bool:
+        """Keep a GenAI log event for its span; False when that span was already published without it."""
+        key = (trace_id, span_id)
+        self.logs.setdefault(key, []).append(event)
+        self.logs.move_to_end(key)
+        while len(self.logs) > self.max_traces * 4:
+            self.logs.popitem(last=False)
+        return key not in self.mapped
+
+    def published(self, trace_id: str, span_id: str) -> None:
+        self.mapped[(trace_id, span_id)] = None
+        while len(self.mapped) > self.max_traces * 4:
+            self.mapped.popitem(last=False)
 
 
 class SpanReader:
     """Typed access to one span's attributes (falling back to its resource's), with errors that locate it."""
 
-    def __init__(self, span: Span, resource: dict[str, Any], where: str) -> None:
+    def __init__(self, span: Span, resource: dict[str, Any], where: str, inherited: dict[str, Any] | None = None,
+                 logs: list[LogEvent] | None = None) -> None:
         self.span = span
         self.attrs = attributes(span.attributes)
         self.resource = resource
         self.where = where
         self.trace_id = span.trace_id.hex()
         self.span_id = span.span_id.hex()
+        self.parent_id = span.parent_span_id.hex()
+        self.inherited = inherited or {}  # attribution of the span's ancestors
+        self.logs = logs or []  # GenAI log events emitted inside the span
 
     def error(self, key: str, message: str) -> OtlpError:
         return OtlpError(f"{self.where} ('{self.span.name}') attribute '{key}': {message}")
@@ -143,9 +251,10 @@ class SpanReader:
             if self.attrs.get(key) is not None:
                 return self.attrs[key]
         if resource:
-            for key in keys:
-                if self.resource.get(key) is not None:
-                    return self.resource[key]
+            for source in (self.inherited, self.resource):
+                for key in keys:
+                    if source.get(key) is not None:
+                        return source[key]
         return None
 
     def text(self, *keys: str, resource: bool = False) -> str | None:
@@ -156,8 +265,9 @@ class SpanReader:
             raise self.error(keys[0], "must be a string")
         return str(value)
 
-    def integer(self, key: str, minimum: int | None = None, bounds: tuple[int, int] = INT32) -> int | None:
-        value = self.get(key)
+    def integer(self, key: str, minimum: int | None = None, bounds: tuple[int, int] = INT32,
+                resource: bool = False) -> int | None:
+        value = self.get(key, resource=resource)
         if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):  # not str.isdigit: "²" is a digit
             value = int(value)
         if value is None:
@@ -216,29 +326,117 @@ class SpanReader:
         return None
 
 
-def map_request(request: ExportTraceServiceRequest, default_policy: str) -> Mapped:
-    """Every LlmCall and Reward the request holds (sequence numbers not yet assigned); OtlpError if malformed."""
+def llm_endpoint(reader: SpanReader) -> str | None:
+    """The endpoint an LLM span stands for, in any of the conventions instrumentations use; None: not an LLM span."""
+    operation = reader.text("gen_ai.operation.name")
+    if operation is not None:
+        return LLM_OPERATIONS.get(operation)
+    request_type = reader.text("llm.request.type")
+    if request_type is not None:
+        return LLM_REQUEST_TYPES.get(request_type)
+    if reader.text("openinference.span.kind") == "LLM":
+        return "COMPLETIONS" if "llm.prompts" in reader.attrs or "llm.prompts.0" in reader.attrs \
+            else "CHAT_COMPLETIONS"
+    if any(k.startswith(("gen_ai.prompt.0.", "gen_ai.completion.0.")) for k in reader.attrs):
+        return "CHAT_COMPLETIONS"
+    return None
+
+
+def is_reward(reader: SpanReader) -> bool:
+    return (reader.span.name in REWARD_SPAN_NAMES or reader.get("rollstream.reward.value") is not None
+            or (reader.span.name == ANNOTATION_SPAN and reader.get("agentlightning.reward.0.value") is not None))
+
+
+def _attribution(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: attrs[k] for k in ATTRIBUTION_KEYS if attrs.get(k) is not None}
+
+
+def map_request(request: ExportTraceServiceRequest, default_policy: str, cache: TraceCache | None = None) -> Mapped:
+    """Every LlmCall, Reward and rollout end the request holds (sequence numbers not yet assigned).
+
+    A malformed span is refused on its own (counted in ``rejected``, its reason in ``errors``);
+    the others are mapped. Attribution comes from the span, else its nearest ancestor that has
+    it (in this request or, through ``cache``, an earlier one), else the resource.
+    """
+    cache = cache if cache is not None else TraceCache()
     out = Mapped()
+    readers: list[tuple[Span, dict[str, Any], str]] = []
     for i, rs in enumerate(request.resource_spans):
         resource = attributes(rs.resource.attributes)
         for j, ss in enumerate(rs.scope_spans):
             for k, span in enumerate(ss.spans):
                 out.spans += 1
-                reader = SpanReader(span, resource, f"resourceSpans[{i}].scopeSpans[{j}].spans[{k}]")
-                if len(span.trace_id) != 16 or len(span.span_id) != 8:
-                    raise OtlpError(f"{reader.where}: traceId must be 16 bytes and spanId 8 bytes")
-                if span.name in REWARD_SPAN_NAMES or reader.get("rollstream.reward.value") is not None:
-                    out.rewards.append(_reward(reader))
+                where = f"resourceSpans[{i}].scopeSpans[{j}].spans[{k}]"
+                if len(span.trace_id) != 16 or len(span.span_id) != 8 or len(span.parent_span_id) not in (0, 8):
+                    _reject(out, OtlpError(f"{where}: traceId must be 16 bytes, spanId and parentSpanId 8 bytes"))
                     continue
-                operation = reader.text("gen_ai.operation.name")
-                if operation not in LLM_OPERATIONS:
-                    out.ignored += 1
-                    continue
-                if reader.text(*ROLLOUT_KEYS, resource=True) is None:
-                    out.unattributed += 1
-                    continue
-                out.calls.extend(_calls(reader, LLM_OPERATIONS[operation], default_policy))
+                # Every span's attribution is known before any is mapped: a child may come before its parent.
+                cache.note(span.trace_id.hex(), span.span_id.hex(), span.parent_span_id.hex(),
+                           _attribution(attributes(span.attributes)))
+                readers.append((span, resource, where))
+    for span, resource, where in readers:
+        trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
+        reader = SpanReader(span, resource, where, cache.inherited(trace_id, span.parent_span_id.hex()),
+                            cache.logs.get((trace_id, span_id)))
+        try:
+            _map_span(reader, default_policy, cache, out)
+        except OtlpError as exc:
+            _reject(out, exc)
     return out
+
+
+def _reject(out: Mapped, exc: OtlpError) -> None:
+    out.rejected += 1
+    if len(out.errors) < MAX_ERRORS:
+        out.errors.append(str(exc))
+
+
+def _map_span(reader: SpanReader, default_policy: str, cache: TraceCache, out: Mapped) -> None:
+    if is_reward(reader):
+        out.rewards.extend(_rewards(reader))
+        return
+    endpoint = llm_endpoint(reader)
+    if endpoint is not None:
+        if reader.text(*ROLLOUT_KEYS, resource=True) is None:
+            out.unattributed += 1
+            return
+        calls = _calls(reader, endpoint, default_policy)
+        if not any(c["messages"] or c["prompt"] or c["response_text"] or c["response_tool_calls_json"]
+                   for c in calls):
+            out.no_content += 1
+        out.calls.extend(calls)
+        cache.published(reader.trace_id, reader.span_id)
+        return
+    if not reader.parent_id and reader.text(*ROLLOUT_KEYS) is not None:
+        if reader.get("rollstream.rollout.finish") is not False:
+            out.rollouts.append(_rollout_end(reader, cache.trace_info(reader.trace_id), default_policy))
+        return
+    out.ignored += 1
+
+
+def _rollout_end(reader: SpanReader, trace: dict[str, Any], default_policy: str) -> dict[str, Any]:
+    """The root span of a rollout ended: the rollout finished (FAILED when the span's status is an error)."""
+    status = reader.span.status
+    failed = status.code == STATUS_ERROR
+
+    def first(*keys: str) -> str | None:
+        value = reader.text(*keys)
+        return value if value is not None else next((str(trace[k]) for k in keys if trace.get(k) is not None), None)
+
+    return make_event(
+        "RolloutEvent",
+        event_id=f"{reader.trace_id}-{reader.span_id}-end",
+        source=SOURCE,
+        rollout_id=_rollout_id(reader),
+        attempt=reader.integer("rollstream.attempt", 1) or 1,
+        status="FAILED" if failed else "SUCCEEDED",
+        timestamp=(reader.span.end_time_unix_nano or reader.span.start_time_unix_nano) // 1000,
+        policy=first("rollstream.policy") or default_policy,
+        task_id=first(*TASK_KEYS),
+        group_id=first(*GROUP_KEYS),
+        error=(status.message or "the rollout's root span ended with an error") if failed else None,
+        metadata={"trace_id": reader.trace_id, "span_id": reader.span_id, "span_name": reader.span.name},
+    )
 
 
 def _rollout_id(reader: SpanReader) -> str:
@@ -248,27 +446,43 @@ def _rollout_id(reader: SpanReader) -> str:
     return rollout_id
 
 
-def _reward(reader: SpanReader) -> dict[str, Any]:
+def _rewards(reader: SpanReader) -> list[dict[str, Any]]:
+    """The Reward events of a reward span: one, or one per dimension of an Agent Lightning annotation."""
+    if reader.span.name == ANNOTATION_SPAN or reader.get("agentlightning.reward.0.value") is not None:
+        out = []
+        i = 0
+        while reader.get(f"agentlightning.reward.{i}.value") is not None:
+            key = f"agentlightning.reward.{i}.value"
+            name = reader.text(f"agentlightning.reward.{i}.name") or "primary"
+            out.append(_reward(reader, key, name if i else "primary", suffix=f"-{i}" if i else ""))
+            i += 1
+        return out
+    return [_reward(reader)]
+
+
+def _reward(reader: SpanReader, key: str | None = None, name: str | None = None, suffix: str = "") -> dict[str, Any]:
     value = None
-    for key in REWARD_VALUE_KEYS:
-        value = reader.number(key)
+    for candidate in (key,) if key else REWARD_VALUE_KEYS:
+        value = reader.number(candidate)
         if value is not None:
             break
     if value is None:
         raise reader.error(REWARD_VALUE_KEYS[0], "a reward span needs a numeric value")
     if not math.isfinite(value):
-        raise reader.error(REWARD_VALUE_KEYS[0], "must be finite (NaN and infinities are not rewards)")
+        raise reader.error(key or REWARD_VALUE_KEYS[0], "must be finite (NaN and infinities are not rewards)")
     terminal = reader.get("rollstream.reward.terminal")
+    if terminal is None and key is not None:
+        terminal = True  # an Agent Lightning annotation is the rollout's final reward
     if terminal is not None and not isinstance(terminal, bool):
         raise reader.error("rollstream.reward.terminal", "must be a boolean")
     return make_event(
         "Reward",
-        event_id=f"{reader.trace_id}-{reader.span_id}",
+        event_id=f"{reader.trace_id}-{reader.span_id}{suffix}",
         source=reader.text("rollstream.reward.source") or SOURCE,
         rollout_id=_rollout_id(reader),
-        attempt=reader.integer("rollstream.attempt", 1),
+        attempt=reader.integer("rollstream.attempt", 1, resource=True) or 1,
         call_id=reader.text("rollstream.reward.call_id", "rollstream.call_id"),
-        name=reader.text("rollstream.reward.name") or "primary",
+        name=name or reader.text("rollstream.reward.name") or "primary",
         value=value,
         terminal=bool(terminal),
         timestamp=(reader.span.end_time_unix_nano or reader.span.start_time_unix_nano) // 1000,
@@ -284,22 +498,27 @@ def _calls(reader: SpanReader, endpoint: str, default_policy: str) -> list[dict[
     if isinstance(finish_reasons, str):
         finish_reasons = [finish_reasons]
     stop = reader.get("gen_ai.request.stop_sequences")
-    call_id = reader.text("rollstream.call_id", "gen_ai.response.id") or reader.span_id
+    response = raw_response(reader)
+    response_id = reader.text("gen_ai.response.id") or (str(response["id"]) if response.get("id") else None)
+    call_id = reader.text("rollstream.call_id") or response_id or reader.span_id
+    request = raw_request(reader)
+    model = reader.text("gen_ai.request.model", "llm.model_name") or (
+        str(request["model"]) if request.get("model") else None)
     sequence = reader.integer("rollstream.sequence", 0)
     start, end = span.start_time_unix_nano, max(span.end_time_unix_nano, span.start_time_unix_nano)
     common = {
         "source": SOURCE,
         "rollout_id": _rollout_id(reader),
-        "attempt": reader.integer("rollstream.attempt", 1) or 1,
+        "attempt": reader.integer("rollstream.attempt", 1, resource=True) or 1,
         "agent_name": reader.text("gen_ai.agent.name", "rollstream.agent_name", resource=True),
         "policy": reader.text("rollstream.policy", resource=True) or reader.text("gen_ai.response.model")
-        or reader.text("gen_ai.request.model") or default_policy,
-        "policy_version": reader.integer("rollstream.policy_version", 0, INT64) or 0,
-        "model": reader.text("gen_ai.request.model"),
+        or model or default_policy,
+        "policy_version": reader.integer("rollstream.policy_version", 0, INT64, resource=True) or 0,
+        "model": model,
         "endpoint": endpoint,
         "messages": messages if endpoint == "CHAT_COMPLETIONS" else [],
         "prompt": prompt if endpoint == "COMPLETIONS" else None,
-        "tools_json": _tools(reader),
+        "tools_json": _tools(reader, request),
         "sampling": {
             "temperature": reader.number("gen_ai.request.temperature"),
             "top_p": reader.number("gen_ai.request.top_p"),
@@ -308,9 +527,10 @@ def _calls(reader: SpanReader, endpoint: str, default_policy: str) -> list[dict[
             "seed": reader.integer("gen_ai.request.seed", bounds=INT64),
             "n": reader.integer("gen_ai.request.choice.count", 1) or 1,
         },
-        "prompt_tokens": reader.integer("gen_ai.usage.input_tokens") or reader.integer("gen_ai.usage.prompt_tokens"),
+        "prompt_tokens": reader.integer("gen_ai.usage.input_tokens") or reader.integer("gen_ai.usage.prompt_tokens")
+        or reader.integer("llm.token_count.prompt"),
         "completion_tokens": reader.integer("gen_ai.usage.output_tokens")
-        or reader.integer("gen_ai.usage.completion_tokens"),
+        or reader.integer("gen_ai.usage.completion_tokens") or reader.integer("llm.token_count.completion"),
         "start_time": start // 1000,
         "end_time": end // 1000,
         "latency_ms": (end - start) / 1e6,
@@ -333,18 +553,42 @@ def _calls(reader: SpanReader, endpoint: str, default_policy: str) -> list[dict[
             response_text=text,
             response_tool_calls_json=tool_calls_json,
             finish_reason=finish,
-            metadata={"trace_id": reader.trace_id, "span_id": reader.span_id, "span_name": span.name},
+            metadata={"trace_id": reader.trace_id, "span_id": reader.span_id, "span_name": span.name,
+                      **({"response_id": response_id, "choice_index": str(index)} if response_id else {})},
             **common,
             **(token_ids if index == 0 else {}),  # the token attributes describe the first choice
         ))
     return events
 
 
-def _tools(reader: SpanReader) -> str | None:
+def _tools(reader: SpanReader, request: dict[str, Any]) -> str | None:
+    """The tools offered, from the GenAI attributes, OpenLLMetry's ``llm.request.functions.<i>.*``,
+    OpenInference's ``llm.tools.<i>.tool.json_schema`` or the raw request."""
     tools = reader.get("gen_ai.tool.definitions", "gen_ai.request.tools")
+    if tools is None:
+        functions = unflatten(reader.attrs, "llm.request.functions")
+        if functions:
+            tools = [{"type": "function", "function": {
+                "name": f.get("name"), "description": f.get("description"),
+                "parameters": _loads(f.get("parameters"))}} for f in functions]
+    if tools is None:
+        schemas = [t.get("tool", {}).get("json_schema") for t in unflatten(reader.attrs, "llm.tools")]
+        if any(schemas):
+            tools = [_loads(x) for x in schemas if x]
+    if tools is None and isinstance(request.get("tools"), list):
+        tools = request["tools"]
     if tools is None:
         return None
     return tools if isinstance(tools, str) else dumps(tools)
+
+
+def _loads(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value
+    return value
 
 
 def dumps(value: Any) -> str:

@@ -3,11 +3,16 @@
 ``POST /v1/traces`` takes an ``ExportTraceServiceRequest`` as binary protobuf
 (``application/x-protobuf``) or in the OTLP JSON mapping (``application/json``: hex ids,
 lowerCamelCase keys, 64-bit integers as strings), optionally gzip-compressed. LLM spans
-(OpenTelemetry GenAI conventions) become LlmCall events and reward spans Reward events,
-keyed by rollout id (mapping in ``rollstream.producers.genai``). Other spans are ignored and
-counted at ``GET /metrics``. A malformed request is answered 400 with the reason and
-publishes nothing; a full event queue (Kafka down for long) is answered 503, which OTLP
-exporters retry. ``GET /healthz`` reports the queue depth.
+(OpenTelemetry GenAI conventions, OpenLLMetry, OpenInference) become LlmCall events, reward
+spans Reward events and the end of a rollout's root span a RolloutEvent, keyed by rollout id
+(mapping in ``rollstream.producers.genai``). Other spans are ignored and counted at
+``GET /metrics``. A malformed span is refused alone: the answer is 200 with OTLP's
+``partial_success`` (rejected spans and the first reasons) and the other spans are published.
+A body that cannot be decoded is answered 400 with the reason and publishes nothing; a full
+event queue (Kafka down for long) is answered 503, which OTLP exporters retry.
+``POST /v1/logs`` takes GenAI log events (content sent as events rather than span attributes),
+kept in memory for their span, which is mapped when it arrives. ``GET /healthz`` reports the
+queue depth.
 
 With ``ROLLSTREAM_OTLP_API_KEYS`` set, ``POST /v1/traces`` needs ``Authorization: Bearer <key>``
 with the ``traces`` scope (401 without a known key, 403 without the scope; see
@@ -27,11 +32,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from rollstream.producers.auth import OTLP_SCOPES, KeyRing, guard_unauthenticated
 from rollstream.producers.emitter import EventEmitter, Payload
-from rollstream.producers.genai import decode_request, map_request
+from rollstream.producers.genai import (
+    GENAI_EVENT_PREFIX,
+    TraceCache,
+    any_value,
+    attributes,
+    decode_logs,
+    decode_request,
+    map_request,
+)
 from rollstream.producers.http import HttpError, Receive, Scope, Send, header, read_body, respond
 from rollstream.producers.proxy import RolloutTracker
 from rollstream.schemas.topics import Topics
@@ -82,6 +96,16 @@ class OtlpMetrics:
                                  registry=r)
         self.delivered = Gauge("rollstream_otlp_events_delivered", "Events Kafka acknowledged (since start).",
                                registry=r)
+        self.rejected = Counter("rollstream_otlp_spans_rejected",
+                                "Malformed spans refused one by one (OTLP partial success).", registry=r)
+        self.no_content = Counter(
+            "rollstream_otlp_calls_without_content",
+            "LLM spans recorded without prompt or completion (content capture is off in the instrumentation).",
+            registry=r)
+        self.logs = Counter("rollstream_otlp_log_records",
+                            "Log records received, by kind: genai (kept for their span), late (their span was "
+                            "already published without them), ignored (not a GenAI event or outside a span).",
+                            ["kind"], registry=r)
         self.failed = Gauge("rollstream_otlp_events_failed", "Events that could not be published (since start).",
                             registry=r)
 
@@ -119,6 +143,7 @@ class OtlpReceiver:
         self.metrics = metrics or OtlpMetrics()
         self.metrics.watch(emitter)
         self.tracker = RolloutTracker()
+        self.cache = TraceCache()
         self.keys = KeyRing.from_text(settings.api_keys, "ROLLSTREAM_OTLP_API_KEYS", OTLP_SCOPES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -138,15 +163,15 @@ class OtlpReceiver:
                           [(b"content-type", b"text/plain; version=0.0.4")])
         elif path == "/healthz" and method == "GET":
             await respond(send, 200, orjson.dumps({"status": "ok", "queue_depth": self.emitter.pending()}))
-        elif path == "/v1/traces" and method == "POST":
-            status, body, ctype = await self._traces(scope, receive)
+        elif path in ("/v1/traces", "/v1/logs") and method == "POST":
+            status, body, ctype = await self._export(scope, receive, path)
             self.metrics.requests.labels(str(status)).inc()
             await respond(send, status, body, [(b"content-type", ctype)])
         else:
             await respond(send, 404, orjson.dumps({"code": 5, "message": f"no route {method} {path}; "
-                                                   "send traces to POST /v1/traces"}))
+                                                   "send traces to POST /v1/traces and logs to POST /v1/logs"}))
 
-    async def _traces(self, scope: Scope, receive: Receive) -> tuple[int, bytes, bytes]:
+    async def _export(self, scope: Scope, receive: Receive, path: str) -> tuple[int, bytes, bytes]:
         content_type = header(scope, b"content-type") or ""
         protobuf = "json" not in content_type.lower()
         ctype = PROTOBUF if protobuf else b"application/json"
@@ -163,7 +188,10 @@ class OtlpReceiver:
             return exc.status, status_body(protobuf, GRPC_INVALID_ARGUMENT, message), ctype
         try:
             body = _decompress(raw, header(scope, b"content-encoding"))
-            mapped = map_request(decode_request(body, content_type), self.settings.policy)
+            if path == "/v1/logs":
+                self._logs(decode_logs(body, content_type))
+                return 200, ExportLogsServiceResponse().SerializeToString() if protobuf else b"{}", ctype
+            mapped = map_request(decode_request(body, content_type), self.settings.policy, self.cache)
         except OtlpError as exc:
             status = 415 if str(exc).startswith("unsupported content type") else 400
             log.info("refused an export request (%d): %s", status, exc)
@@ -171,6 +199,7 @@ class OtlpReceiver:
         self._sequence(mapped.calls)
         items: list[tuple[str, str, Payload]] = [(self.topics.calls, c["rollout_id"], c) for c in mapped.calls]
         items += [(self.topics.rewards, r["rollout_id"], r) for r in mapped.rewards]
+        items += [(self.topics.rollouts, e["rollout_id"], e) for e in mapped.rollouts]
         try:
             if items:
                 self.emitter.submit_many(items)
@@ -187,8 +216,45 @@ class OtlpReceiver:
             m.events.labels(self.topics.calls).inc(len(mapped.calls))
         if mapped.rewards:
             m.events.labels(self.topics.rewards).inc(len(mapped.rewards))
-        body_out = ExportTraceServiceResponse().SerializeToString() if protobuf else b"{}"
-        return 200, body_out, ctype
+        if mapped.rollouts:
+            m.events.labels(self.topics.rollouts).inc(len(mapped.rollouts))
+        m.rejected.inc(mapped.rejected)
+        m.no_content.inc(mapped.no_content)
+        if not mapped.rejected:
+            return 200, ExportTraceServiceResponse().SerializeToString() if protobuf else b"{}", ctype
+        message = "; ".join(mapped.errors) + (f"; and {mapped.rejected - len(mapped.errors)} more"
+                                              if mapped.rejected > len(mapped.errors) else "")
+        log.info("refused %d of %d spans: %s", mapped.rejected, mapped.spans, message)
+        if protobuf:
+            answer = ExportTraceServiceResponse()
+            answer.partial_success.rejected_spans = mapped.rejected
+            answer.partial_success.error_message = message
+            return 200, answer.SerializeToString(), ctype
+        return 200, orjson.dumps({"partialSuccess": {"rejectedSpans": str(mapped.rejected),
+                                                     "errorMessage": message}}), ctype
+
+    def _logs(self, request: Any) -> None:
+        """Keep each GenAI log event for the span it was emitted in (by trace and span id)."""
+        counts = {"genai": 0, "late": 0, "ignored": 0}
+        for rl in request.resource_logs:
+            for sl in rl.scope_logs:
+                for record in sl.log_records:
+                    attrs = attributes(record.attributes)
+                    name = record.event_name or str(attrs.get("event.name") or "")
+                    if not name.startswith(GENAI_EVENT_PREFIX) or len(record.trace_id) != 16 \
+                            or len(record.span_id) != 8:
+                        counts["ignored"] += 1
+                        continue
+                    kept = self.cache.add_log(record.trace_id.hex(), record.span_id.hex(),
+                                              (name, attrs, any_value(record.body)))
+                    counts["genai" if kept else "late"] += 1
+        for kind, n in counts.items():
+            if n:
+                self.metrics.logs.labels(kind).inc(n)
+        if counts["late"]:
+            log.warning("%d GenAI log event(s) arrived after their span was published; their content is not "
+                        "in the recorded calls (export logs before traces, or with a shorter batch delay)",
+                        counts["late"])
 
     def _sequence(self, calls: list[dict[str, Any]]) -> None:
         """Calls without ``rollstream.sequence`` are numbered per rollout attempt in start-time order."""
@@ -244,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, n) is not None})
         keys = KeyRing.from_text(settings.api_keys, "ROLLSTREAM_OTLP_API_KEYS", OTLP_SCOPES)
         guard_unauthenticated(keys, settings.host, "OTLP receiver", "ROLLSTREAM_OTLP_API_KEYS", "exporter-key=traces")
-        codec = prepare_codec(conn, ["LlmCall", "Reward"], create_missing=not args.no_create_topics)
+        codec = prepare_codec(conn, ["LlmCall", "Reward", "RolloutEvent"], create_missing=not args.no_create_topics)
     except RollstreamError as exc:
         log.error("%s", exc)
         return 2

@@ -137,7 +137,7 @@ def test_python_opentelemetry_sdk_spans_become_calls_and_rewards(
     assert 'rollstream_otlp_spans_total{kind="ignored"} 2.0' in metrics  # invoke_agent and the tool span
 
 
-def test_malformed_bodies_get_400_with_the_reason_and_publish_nothing(
+def test_a_bad_span_is_refused_alone_and_undecodable_bodies_get_400(
     receiver: Receiver, topics: Topics, settings: ConnectionSettings
 ) -> None:
     good = {"traceId": "5b8efff798038103d269b633813fc60c", "spanId": "00000000000000aa", "name": "chat",
@@ -149,18 +149,18 @@ def test_malformed_bodies_get_400_with_the_reason_and_publish_nothing(
         {"key": "rollstream.reward.value", "value": {"stringValue": "NaN-ish"}}]}
     body = {"resourceSpans": [{"scopeSpans": [{"spans": [good, bad_reward]}]}]}
     status, answer = receiver.post(orjson.dumps(body))
-    assert status == 400 and "must be a number" in orjson.loads(answer)["message"]
+    partial = orjson.loads(answer)["partialSuccess"]
+    assert status == 200 and partial["rejectedSpans"] == "1" and "must be a number" in partial["errorMessage"]
     for raw, ctype in ((b"{oops", "application/json"), (b"\x0a\x05\xff", "application/x-protobuf"),
                        (orjson.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [{**good, "traceId": "xyz"}]}]}]}),
                         "application/json")):
         status, _ = receiver.post(raw, ctype)
         assert status == 400, raw
     assert receiver.post(b"{}", "text/plain")[0] == 415
-    status, _ = receiver.post(orjson.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [good]}]}]}))
-    assert status == 200
     time.sleep(1.0)
-    assert _count(settings, topics.calls, topics.partitions) == 1  # only the good request's call
+    assert _count(settings, topics.calls, topics.partitions) == 1  # the good span of the partial request
     assert _count(settings, topics.rewards, topics.partitions) == 0
+    assert "rollstream_otlp_spans_rejected_total 1.0" in receiver.metrics()
 
 
 @pytest.mark.parametrize("mode", ["proto", "json"])
