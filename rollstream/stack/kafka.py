@@ -46,7 +46,9 @@ def _cluster_id() -> str:
 
 class Kafka(Service):
     name = "kafka"
-    startup_timeout = 120.0
+    # A fresh broker is healthy in ~10 s, but one whose data folder holds thousands of topics replays
+    # them all before it answers: the wait ends early anyway if the process exits.
+    startup_timeout = 300.0
 
     @property
     def port(self) -> int:
