@@ -191,7 +191,7 @@ def _prompt_text(prompt: Any, index: int, n: int) -> str | None:
 
 @dataclass
 class CallContext:
-    """One proxied request that belongs to a rollout, from its arrival to its last byte."""
+    """One proxied request, from its arrival to its last byte; ``rollout_id`` is "" for a call of no rollout."""
 
     rollout_id: str
     attempt: int
@@ -275,8 +275,12 @@ class CallAssembler:
         self.usage: dict[str, Any] | None = None
         self.model: str | None = None
         self.policy_version: int | None = None
+        # The id of the answer the client got: the backend's ``id``, unless set before (a translated call's own).
+        self.response_id: str | None = None
 
     def _top(self, body: dict[str, Any]) -> None:
+        if self.response_id is None and isinstance(body.get("id"), str) and body["id"]:
+            self.response_id = body["id"]
         if self.prompt_token_ids is None:
             self.prompt_token_ids = _ints(body.get("prompt_token_ids"))
         if isinstance(body.get("usage"), dict):
@@ -378,7 +382,8 @@ class CallAssembler:
                     start_time=ctx.start_micros,
                     end_time=end_micros,
                     latency_ms=latency_ms,
-                    metadata={"request_id": ctx.request_id, "choice_index": str(index)},
+                    metadata={"request_id": ctx.request_id, "choice_index": str(index),
+                              **({"response_id": self.response_id} if self.response_id else {})},
                     **fields,
                 )
             )

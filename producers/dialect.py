@@ -22,6 +22,7 @@ class DialectCall(Protocol):
     endpoint: Endpoint
     chat: dict[str, Any]  # the chat completions request for the backend ("model" is the client's name)
     stream: bool
+    id: str  # the id of the client's answer (resp_..., msg_...): what its OpenTelemetry spans call the response id
 
     def answer(self, response: dict[str, Any]) -> dict[str, Any]:
         """The client's answer to a whole chat completion."""

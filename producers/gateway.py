@@ -2,8 +2,9 @@
 
 A raw ASGI app on uvicorn (uvloop, httptools) in front of any OpenAI-compatible backend.
 Every model call that belongs to a rollout becomes one LlmCall event per choice on the
-calls topic; rollouts and rewards posted to the same service become RolloutEvent and
-Reward events. Routes:
+calls topic; one that belongs to none, on the calls-by-response topic keyed by its response
+id (``ROLLSTREAM_GATEWAY_RECORD_UNATTRIBUTED``; see ``proxy``); rollouts and rewards posted
+to the same service become RolloutEvent and Reward events. Routes:
 
 - ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/v1/models/{id}`` (scope ``models``),
   also under ``/rollouts/{rollout_id}[/attempts/{n}][/agents/{name}]/v1/...`` for agents that can only
@@ -99,6 +100,8 @@ class GatewaySettings:
     acks: Acks = field(default_factory=lambda: cast(Acks, env("GATEWAY_ACKS")))
     ack_timeout: float = field(default_factory=lambda: env_float("GATEWAY_ACK_TIMEOUT"))
     model_map: str = field(default_factory=lambda: env("GATEWAY_MODEL_MAP"))
+    record_unattributed: bool = field(
+        default_factory=lambda: env("GATEWAY_RECORD_UNATTRIBUTED") not in ("0", "false", "no", ""))
 
     def __post_init__(self) -> None:
         if self.on_full not in get_args(OnFull):
@@ -185,6 +188,8 @@ class Gateway:
         self.keys = KeyRing.from_text(settings.api_keys)
         self.proxy = ModelProxy(
             settings.backend_url, publisher, self.metrics, topics.calls,
+            responses_topic=topics.calls_by_response if settings.record_unattributed else None,
+            unattributed_depth=settings.queue_max // 2,
             backend_api_key=settings.backend_api_key, timeout=float(settings.backend_timeout),
             connections=settings.backend_connections, on_full=settings.on_full, policy=settings.policy,
             policy_version=settings.policy_version, max_body=settings.max_body, acks=settings.acks,
@@ -388,9 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     metrics = GatewayMetrics()
     publisher = KafkaPublisher(codec, conn, settings.queue_max, metrics, linger_ms=LINGER_MS[settings.acks])
     app = Gateway(settings, publisher, codec.topics, metrics)
-    log.info("gateway on http://%s:%d -> %s; events to %s* (queue %d, on full: %s, answers once %s)", settings.host,
-             settings.port, settings.backend_url, codec.topics.prefix, settings.queue_max, settings.on_full,
-             "Kafka acknowledged" if settings.acks == "kafka" else "queued")
+    log.info("gateway on http://%s:%d -> %s; events to %s* (queue %d, on full: %s, answers once %s; calls of no "
+             "rollout %s)", settings.host, settings.port, settings.backend_url, codec.topics.prefix, settings.queue_max,
+             settings.on_full, "Kafka acknowledged" if settings.acks == "kafka" else "queued",
+             f"to {codec.topics.calls_by_response}" if settings.record_unattributed else "not recorded")
     config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
                             lifespan="on", access_log=False, log_level="warning", timeout_keep_alive=75)
     try:

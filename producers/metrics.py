@@ -33,15 +33,20 @@ class GatewayMetrics:
         )
         self.events_dropped = Counter(
             "rollstream_gateway_events_dropped",
-            "Events not recorded, by reason (queue_full, encode_error, client_disconnected, incomplete).",
+            "Events not recorded, by reason (queue_full, encode_error, client_disconnected, incomplete, "
+            "no_response_id).",
             ["reason"], registry=r,
         )
         self.queue_depth = Gauge(
             "rollstream_gateway_queue_depth", "Events waiting in memory for Kafka's acknowledgement.", registry=r
         )
         self.unattributed = Counter(
-            "rollstream_gateway_unattributed_calls", "Model calls served without a rollout id (not recorded).",
-            registry=r,
+            "rollstream_gateway_unattributed_calls", "Model calls served without a rollout id.", registry=r,
+        )
+        self.unattributed_recorded = Counter(
+            "rollstream_gateway_unattributed_recorded",
+            "Model calls without a rollout id whose LlmCall events were queued for the calls-by-response topic "
+            "(ROLLSTREAM_GATEWAY_RECORD_UNATTRIBUTED).", registry=r,
         )
         self.rejected = Counter(
             "rollstream_gateway_rejected", "Requests answered 503 because the event queue was full, by endpoint.",

@@ -2,10 +2,19 @@
 
 Whole responses are parsed, recorded and answered with what the client asked for; streams
 are relayed event by event as they arrive while the call is assembled from the chunks.
-Calls without a rollout are relayed untouched (but for the model name, see ``model_names``) and
-only counted. The Responses and Messages routes have no backend route to relay to: they are
-translated to chat completions (``responses``, ``messages``) and back, recorded or not. The
-backend's ``X-Policy-Version`` header is passed on to the client.
+The Responses and Messages routes have no backend route to relay to: they are translated to
+chat completions (``responses``, ``messages``) and back, recorded or not. The backend's
+``X-Policy-Version`` header is passed on to the client.
+
+Calls without a rollout are captured the same way but published to ``calls-by-response`` instead
+of ``calls``, keyed by the id of the answer the client got (the backend's ``id``; a translated
+call's own ``resp_...`` or ``msg_...``), which OpenTelemetry instrumentations report as
+``gen_ai.response.id``: the OTLP receiver finds their token ids there (``response_index``). They
+carry ``rollout_id`` "" and metadata ``response_id`` and ``choice_index``. Their recording is best
+effort: it is dropped (and counted) once the event queue is half full (``unattributed_depth``), so
+that they never crowd out calls of rollouts, and the answer never waits for Kafka. With
+``ROLLSTREAM_GATEWAY_RECORD_UNATTRIBUTED=0`` they are relayed untouched (but for the model name,
+see ``model_names``) and only counted.
 
 Acknowledgements (``acks="kafka"``, the default): a whole answer is sent once Kafka
 acknowledged the call's LlmCall events; a stream is relayed as it comes except its
@@ -142,6 +151,8 @@ class ModelProxy:
         metrics: GatewayMetrics,
         calls_topic: str,
         *,
+        responses_topic: str | None = None,
+        unattributed_depth: int | None = None,
         backend_api_key: str = "",
         timeout: float = 600.0,
         connections: int = 512,
@@ -158,6 +169,9 @@ class ModelProxy:
         self.publisher = publisher
         self.metrics = metrics
         self.calls_topic = calls_topic
+        self.responses_topic = responses_topic  # where calls of no rollout are recorded; None: they are not
+        # The queue depth up to which they are: the rest of the queue is kept for what rollouts need.
+        self.unattributed_depth = unattributed_depth
         self.timeout = timeout
         self.connections = connections
         self.on_full = on_full
@@ -319,24 +333,23 @@ class ModelProxy:
         raw = await read_body(receive, self.max_body, self.body_timeout)
         suffix = "/completions" if endpoint == "COMPLETIONS" else "/chat/completions"
         translate = DIALECTS.get(endpoint)
-        if who is None and translate is None:
+        if who is None:
             self.metrics.unattributed.inc()
+        body = self._recordable(raw) if who is None and translate is None else _json_object(raw)
+        if body is None:
             await self._relay(suffix, await self._renamed(raw), send)
             return
-        body = _json_object(raw)
         dialect = translate(body) if translate is not None else None
         if dialect is not None:
             body = dialect.chat
         request = dict(body)  # as recorded: with the client's model name
         await self._rename(body)
-        record = who is not None
-        if who is None:
-            self.metrics.unattributed.inc()
-        else:
+        record = who is not None or self.responses_topic is not None
+        if record:
             n: int = body["n"] if isinstance(body.get("n"), int) else 1
             n = min(max(n, 1), MAX_RESERVED_CHOICES)
-            if not self.publisher.has_room(n):
-                if self.on_full == "reject":
+            if not self._has_room(n, who):
+                if who is not None and self.on_full == "reject":  # a call of no rollout is served unrecorded
                     self.metrics.rejected.labels(endpoint.lower()).inc()
                     raise HttpError(
                         503, "the gateway's event queue is full (Kafka is unavailable or slow); retry later",
@@ -347,19 +360,7 @@ class ModelProxy:
         if not record and dialect is None:
             await self._relay(suffix, orjson.dumps(body), send)
             return
-        call = None
-        if who is not None and record:
-            attempt = who.attempt or self.tracker.attempt(who.rollout_id)
-            call = CallAssembler(CallContext(
-                rollout_id=who.rollout_id,
-                attempt=attempt,
-                agent_name=who.agent_name,
-                sequence=self.tracker.next_sequence(who.rollout_id, attempt),
-                endpoint=endpoint,
-                request=request,
-                policy=self.policy,
-                policy_version=self.policy_version,
-            ))
+        call = self._assembler(who, endpoint, request, dialect) if record else None
         wants = prepare_request("CHAT_COMPLETIONS" if dialect is not None else endpoint, body)
         resp = await self._call("POST", suffix, orjson.dumps(body))
         async with resp:
@@ -372,6 +373,43 @@ class ModelProxy:
                 await self._stream(resp, send, answer)
             else:
                 await self._whole(await self._read(resp), send, answer)
+
+    def _has_room(self, n: int, who: Attribution | None) -> bool:
+        if who is None and self.unattributed_depth is not None and self.publisher.depth() + n > self.unattributed_depth:
+            return False
+        return self.publisher.has_room(n)
+
+    def _recordable(self, raw: bytes) -> dict[str, Any] | None:
+        """The body of a chat or completions call of no rollout, to record; None to relay it untouched: recording
+        is off, or it is no JSON object (the backend says what is wrong with it)."""
+        if self.responses_topic is None:
+            return None
+        try:
+            return _json_object(raw)
+        except HttpError:
+            return None
+
+    def _assembler(self, who: Attribution | None, endpoint: Endpoint, request: dict[str, Any],
+                   dialect: DialectCall | None) -> CallAssembler:
+        """Where a call to record is assembled: in its rollout's order, or of no rollout (rollout id "")."""
+        rollout_id, attempt, agent_name, sequence = "", 1, None, 0
+        if who is not None:
+            rollout_id, agent_name = who.rollout_id, who.agent_name
+            attempt = who.attempt or self.tracker.attempt(who.rollout_id)
+            sequence = self.tracker.next_sequence(who.rollout_id, attempt)
+        call = CallAssembler(CallContext(
+            rollout_id=rollout_id,
+            attempt=attempt,
+            agent_name=agent_name,
+            sequence=sequence,
+            endpoint=endpoint,
+            request=request,
+            policy=self.policy,
+            policy_version=self.policy_version,
+        ))
+        if dialect is not None:
+            call.response_id = dialect.id  # the client's answer carries the dialect's id, not the backend's
+        return call
 
     async def _relay(self, suffix: str, raw: bytes, send: Send) -> None:
         """An unrecorded call: the backend's answer goes to the client byte for byte."""
@@ -391,12 +429,27 @@ class ModelProxy:
                 log.warning("backend stream broke: %s", exc)
             await send({"type": "http.response.body", "body": b""})
 
-    def _publish(self, events: list[dict[str, Any]], key: str) -> Delivery | None:
+    def _record(self, call: CallAssembler, events: list[dict[str, Any]]) -> Delivery | None:
+        """Publish a call's events. A rollout's go to calls: their Delivery, None when the queue is full. A call of
+        no rollout's go to calls-by-response under its response id, and nobody waits for them: always None."""
+        if call.ctx.rollout_id:
+            return self._publish(self.calls_topic, events, call.ctx.rollout_id)
+        if not events or self.responses_topic is None:
+            return None
+        if call.response_id is None:  # nothing to find it by
+            self.metrics.events_dropped.labels("no_response_id").inc(len(events))
+            return None
+        delivery = self._publish(self.responses_topic, events, call.response_id)
+        if delivery is not None and delivery.error is None:
+            self.metrics.unattributed_recorded.inc()
+        return None
+
+    def _publish(self, topic: str, events: list[dict[str, Any]], key: str) -> Delivery | None:
         """The events' Delivery; None when the queue is full."""
         try:
-            delivery = self.publisher.publish(self.calls_topic, key, events)
+            delivery = self.publisher.publish(topic, key, events)
         except SerializationError as exc:
-            log.exception("could not encode the LlmCall events of rollout %s; not recorded", key)
+            log.exception("could not encode the LlmCall events keyed %r; not recorded", key)
             self.metrics.events_dropped.labels("encode_error").inc(len(events))
             return Delivery.settled(f"cannot encode: {exc}")  # a bug of ours, not the client's: serve the answer
         if delivery is None:
@@ -420,8 +473,8 @@ class ModelProxy:
             call.add_response(data)
             if call.policy_version is not None:
                 self.policy_version = call.policy_version
-            delivery = self._publish(call.events(answer.version), call.ctx.rollout_id)
-            if delivery is None and self.on_full == "reject":
+            delivery = self._record(call, call.events(answer.version))
+            if delivery is None and call.ctx.rollout_id and self.on_full == "reject":
                 self.metrics.rejected.labels(call.ctx.endpoint.lower()).inc()
                 raise HttpError(503, "the call succeeded but could not be recorded (event queue full); retry later",
                                 code="event_queue_full")
@@ -499,7 +552,7 @@ class ModelProxy:
             events = call.events(answer.version) if complete else []
             if len(events) < len(call.choices):
                 self.metrics.events_dropped.labels("incomplete").inc(len(call.choices) - len(events))
-            delivery = self._publish(events, call.ctx.rollout_id) if events else None
+            delivery = self._record(call, events) if events else None
         recorded = await self._acknowledged(delivery, answer.endpoint)
         tail = b"" if recorded is None else b": rollstream-recorded " + recorded.encode() + b"\n\n"
         if dialect is not None and not broke:

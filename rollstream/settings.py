@@ -64,6 +64,21 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "OTLP_POLICY": ("default", "Policy recorded on calls from spans that name none (nor a response model)."),
     "OTLP_QUEUE_MAX": ("100000", "Events the OTLP receiver holds in memory while Kafka is slow or down (503 past it)."),
     "OTLP_MAX_BODY": ("16777216", "Largest OTLP request body accepted, in bytes (413 past it)."),
+    "OTLP_JOIN_WAIT": (
+        "2.0",
+        "Seconds an export waits for what its LLM spans lack: the gateway's record of the same response (token ids) "
+        "and GenAI log events (content); 0: publish at once.",
+    ),
+    "OTLP_HOLD": (
+        "600",
+        "Seconds the OTLP receiver keeps spans whose ancestors (with the rollout id) have not arrived yet; in "
+        "memory: put the rollout id on every span (docs/any-language.md) where a receiver restart must lose nothing.",
+    ),
+    "OTLP_GATEWAY_JOIN": (
+        "1",
+        "Read the gateway's calls-by-response topic and give LLM spans the token ids of the call with the same "
+        "gen_ai.response.id (0: off).",
+    ),
     # --- stream processor (rollstream process) ---
     "PROCESS_APP_ID": ("", "Faust app id of the stream processor: its consumer group and changelog "
                            "(default: <topic prefix>processor)."),
@@ -89,6 +104,12 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "PROCESS_TIMER_INTERVAL": ("1.0", "Seconds between expiry scans of the local partitions."),
     "PROCESS_MAX_MESSAGE_BYTES": ("8388608", "Largest input message accepted; bigger ones are dead letters."),
     "PROCESS_REQUIRE_TOKEN_IDS": ("1", "Calls without prompt/response token ids are dead letters (0: allow them)."),
+    "PROCESS_TOKENIZER": (
+        "",
+        "Tokenizer (Hugging Face folder or s3://bucket/prefix, with a chat template) that tokenizes calls captured "
+        "without token ids (OTel GenAI spans) instead of dead-lettering them: transitions with "
+        "token_source=tokenizer and no behaviour logprobs (empty: off).",
+    ),
     "PROCESS_WEB_PORT": ("6066", "Port of the processor's web server (/metrics, /stats)."),
     "PROCESS_LOG_INTERVAL": ("30", "Seconds between counter log lines."),
     "PROCESS_IDLE_GRACE": (
@@ -146,6 +167,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "10",
         "Seconds the gateway waits for Kafka's acknowledgement (acks=kafka): 503 past it, or a model call's answer "
         "with X-Rollstream-Recorded: pending.",
+    ),
+    "GATEWAY_RECORD_UNATTRIBUTED": (
+        "1",
+        "Record model calls without a rollout on the calls-by-response topic, keyed by response id, for the OTLP "
+        "receiver to join to spans (0: relay them only).",
     ),
     "GATEWAY_MODEL_MAP": (
         "*",

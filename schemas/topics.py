@@ -4,7 +4,9 @@ Calls, rewards and rollout events are keyed by ``rollout_id`` and must be
 co-partitioned (equal partition counts, the same partitioner in every producer) so that
 one stream-processor task sees everything of a rollout. Every producer here uses the
 Java-compatible murmur2 partitioner; librdkafka's default (CRC32) would put the same key
-on a different partition than Java, Faust or aiokafka producers.
+on a different partition than Java, Faust or aiokafka producers. The gateway's calls that
+belong to no rollout go to ``calls-by-response``, keyed by the response id the client got,
+for the OTLP receiver to find their token ids (``producers/response_index.py``).
 """
 
 from __future__ import annotations
@@ -77,6 +79,11 @@ class Topics:
         return self.prefix + "late-events"
 
     @property
+    def calls_by_response(self) -> str:
+        """The gateway's calls that belong to no rollout, keyed by the response id the client got."""
+        return self.prefix + "calls-by-response"
+
+    @property
     def copartitioned(self) -> tuple[str, ...]:
         return (self.calls, self.rewards, self.rollouts)
 
@@ -97,6 +104,12 @@ class Topics:
             ),
             TopicSpec(self.dead_letters, 1, "DeadLetter", "original key", large),
             TopicSpec(self.late_events, n, None, "rollout_id", large),
+            TopicSpec(
+                self.calls_by_response, n, "LlmCall", "response_id",
+                # Looked up by response id soon after the call (the OTLP receiver joins spans to them): a day is
+                # plenty. Not compacted: the n choices of one response share its key.
+                {"cleanup.policy": "delete", "retention.ms": str(CALLS_BY_RESPONSE_RETENTION_MS)},
+            ),
         ]
 
     def spec(self, topic: str) -> TopicSpec:
@@ -106,6 +119,7 @@ class Topics:
         raise TopicError(f"'{topic}' is not one of Rollstream's topics (prefix {self.prefix!r})")
 
 
+CALLS_BY_RESPONSE_RETENTION_MS = 24 * 3600 * 1000
 MAX_RECORD_BYTES = 16 * 1024 * 1024  # the largest record the processor writes (topics and producer sized for it)
 
 

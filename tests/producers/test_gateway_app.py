@@ -244,7 +244,8 @@ def test_empty_rollout_ids_are_refused_naming_them_and_nothing_is_published() ->
         assert "rollstream_gateway_unattributed_calls_total 1.0" in metrics  # only the call without a header
         assert 'rollstream_gateway_requests_total{endpoint="chat_completions",status="400"} 5.0' in metrics
 
-    assert sent(run(test, backend=True)) == []
+    # Only the call without a rollout is recorded: by its response id, on calls-by-response.
+    assert [(topic, key) for topic, key, _ in sent(run(test, backend=True))] == [(TOPICS.calls_by_response, "c-1")]
 
 
 def test_empty_rollout_id_is_only_explained_to_callers_with_a_key() -> None:
@@ -304,6 +305,55 @@ def test_a_body_that_stops_arriving_is_answered_408_and_the_connection_closed() 
     assert sent(asyncio.run(go())) == []
 
 
+def test_calls_of_no_rollout_are_recorded_by_response_id_and_never_wait_for_kafka() -> None:
+    async def test(client: httpx.AsyncClient, app: Gateway) -> None:
+        whole = await client.post("/v1/chat/completions", json=CHAT)  # Kafka never acknowledges ("pending")
+        assert whole.status_code == 200 and "x-rollstream-recorded" not in whole.headers
+        assert whole.json()["id"] == "c-1" and "token_ids" not in whole.json()["choices"][0]  # not asked for
+        streamed = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        assert streamed.status_code == 200 and b"rollstream-recorded" not in streamed.content
+        assert streamed.content.endswith(b"data: [DONE]\n\n") and b"token_ids" not in streamed.content
+        metrics = (await client.get("/metrics")).text
+        assert "rollstream_gateway_unattributed_calls_total 2.0" in metrics
+        assert "rollstream_gateway_unattributed_recorded_total 2.0" in metrics
+        assert "rollstream_gateway_unacknowledged_total{" not in metrics
+
+    records = sent(run(test, kafka="pending", backend=True))
+    assert [(topic, key) for topic, key, _ in records] == [(TOPICS.calls_by_response, "c-1")] * 2
+    for _, _, call in records:
+        encode_body("LlmCall", call)
+        assert (call["rollout_id"], call["attempt"], call["sequence"], call["agent_name"]) == ("", 1, 0, None)
+        assert call["metadata"]["response_id"] == "c-1" and call["metadata"]["choice_index"] == "0"
+        assert (call["prompt_token_ids"], call["response_token_ids"], call["response_text"]) == ([1, 2], [7], "Hello")
+
+
+def test_calls_of_no_rollout_are_served_when_the_queue_is_full_or_recording_is_off() -> None:
+    async def full(client: httpx.AsyncClient, app: Gateway) -> None:
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200  # on_full=reject, all the same
+        metrics = (await client.get("/metrics")).text
+        assert 'rollstream_gateway_events_dropped_total{reason="queue_full"} 1.0' in metrics
+        assert "rollstream_gateway_unattributed_recorded_total 0.0" in metrics
+
+    assert sent(run(full, room=0, backend=True)) == []
+
+    async def half_full(client: httpx.AsyncClient, app: Gateway) -> None:
+        for _ in range(3):  # the third finds the queue half full: kept for calls of rollouts
+            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        assert (await client.post("/rollouts/r-1/v1/chat/completions", json=CHAT)).status_code == 200
+        assert "rollstream_gateway_unattributed_recorded_total 2.0" in (await client.get("/metrics")).text
+
+    assert [topic for topic, _, _ in sent(run(half_full, backend=True, queue_max=4))] == [
+        TOPICS.calls_by_response, TOPICS.calls_by_response, TOPICS.calls]
+
+    async def off(client: httpx.AsyncClient, app: Gateway) -> None:
+        r = await client.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200 and r.json() == ANSWER  # relayed untouched
+        assert (await client.post("/v1/chat/completions", json={**CHAT, "stream": True})).status_code == 200
+        assert "rollstream_gateway_unattributed_calls_total 2.0" in (await client.get("/metrics")).text
+
+    assert sent(run(off, backend=True, record_unattributed=False)) == []
+
+
 def test_settings_and_loopback_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="ROLLSTREAM_GATEWAY_ON_FULL"):
         GatewaySettings(on_full="drop")  # type: ignore[arg-type]
@@ -318,6 +368,10 @@ def test_settings_and_loopback_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ROLLSTREAM_GATEWAY_BODY_TIMEOUT")
     assert GatewaySettings().body_timeout == 30.0
     assert (GatewaySettings().acks, GatewaySettings().ack_timeout) == ("kafka", 10.0)
+    assert GatewaySettings().record_unattributed
+    monkeypatch.setenv("ROLLSTREAM_GATEWAY_RECORD_UNATTRIBUTED", "0")
+    assert not GatewaySettings().record_unattributed
+    monkeypatch.delenv("ROLLSTREAM_GATEWAY_RECORD_UNATTRIBUTED")
     monkeypatch.setenv("ROLLSTREAM_GATEWAY_QUEUE_MAX", "0")
     with pytest.raises(ConfigError, match="QUEUE_MAX"):
         GatewaySettings()

@@ -89,8 +89,10 @@ class Backend:
         return f"http://127.0.0.1:{self.runner.addresses[0][1]}/v1"
 
 
-def run(test: Callable[[httpx.AsyncClient, Backend], Awaitable[None]], **settings: Any) -> list[dict[str, Any]]:
-    """Run ``test`` against a gateway in front of a fresh Backend; the LlmCall records it published."""
+def run(test: Callable[[httpx.AsyncClient, Backend], Awaitable[None]], topic: str = TOPICS.calls,
+        **settings: Any) -> list[dict[str, Any]]:
+    """Run ``test`` against a gateway in front of a fresh Backend; the LlmCall records it published to ``topic``
+    (calls, or calls-by-response: then with the key of each in its ``metadata["key"]``)."""
     publisher = RecordingPublisher()
 
     async def go() -> None:
@@ -108,7 +110,9 @@ def run(test: Callable[[httpx.AsyncClient, Backend], Awaitable[None]], **setting
     asyncio.run(go())
     for _, _, record in publisher.sent:
         encode_body("LlmCall", record)  # valid against the schema
-    return [record for _, _, record in publisher.sent]
+    if topic == TOPICS.calls_by_response:
+        return [{**r, "metadata": {**r["metadata"], "key": k}} for t, k, r in publisher.sent if t == topic]
+    return [record for t, _, record in publisher.sent if t == topic]
 
 
 def test_responses_whole_and_streamed_are_translated_and_recorded_in_chat_form() -> None:
@@ -165,18 +169,31 @@ def test_messages_whole_and_streamed_are_translated_and_recorded_in_chat_form() 
     assert all(c["response_token_ids"] == OUT_IDS and c["sampling"]["max_tokens"] == 16 for c in calls)
 
 
-def test_unattributed_calls_on_these_routes_are_translated_and_not_recorded() -> None:
+def test_unattributed_calls_on_these_routes_are_translated_and_recorded_by_the_id_the_client_got() -> None:
+    ids: list[str] = []
+    recorded = "2.0"
+
     async def test(client: httpx.AsyncClient, backend: Backend) -> None:
         r = await client.post("/v1/responses", json=RESPONSES)
         assert Response.model_validate(r.json()).output_text == "Hello"
+        ids.append(r.json()["id"])
         r = await client.post("/v1/messages", json={**MESSAGES, "stream": True})
         assert sse_events(r.content)[-1][0] == "message_stop"
+        ids.append(sse_events(r.content)[0][1]["message"]["id"])
         metrics = (await client.get("/metrics")).text
         assert "rollstream_gateway_unattributed_calls_total 2.0" in metrics
+        assert f"rollstream_gateway_unattributed_recorded_total {recorded}" in metrics
         assert 'rollstream_gateway_requests_total{endpoint="responses",status="200"} 1.0' in metrics
         assert 'rollstream_gateway_requests_total{endpoint="messages",status="200"} 1.0' in metrics
 
-    assert run(test) == []
+    calls = run(test, TOPICS.calls_by_response)
+    assert ids[0].startswith("resp_") and ids[1].startswith("msg_")
+    assert [(c["endpoint"], c["metadata"]["key"], c["metadata"]["response_id"]) for c in calls] == [
+        ("RESPONSES", ids[0], ids[0]), ("MESSAGES", ids[1], ids[1])]
+    assert all(c["rollout_id"] == "" and c["response_token_ids"] == OUT_IDS for c in calls)
+    assert run(test) == []  # nothing on calls
+    recorded = "0.0"
+    assert run(test, TOPICS.calls_by_response, record_unattributed=False) == []
 
 
 def test_errors_come_in_each_protocols_shape() -> None:

@@ -177,8 +177,9 @@ def test_calls_are_relayed_unchanged_and_captured_with_engine_token_ids(
     assert len({c["call_id"] for c in calls}) == 5
 
 
-def test_unattributed_calls_are_served_not_recorded_and_backend_failures_are_502(
-    policy_server: Any, topics_factory: Callable[..., Topics], gateway_factory: Callable[..., GatewayProcess],
+def test_unattributed_calls_are_served_recorded_only_by_response_id_and_backend_failures_are_502(
+    policy_server: Any, topics_factory: Callable[..., Topics], settings: ConnectionSettings,
+    gateway_factory: Callable[..., GatewayProcess],
 ) -> None:
     topics = topics_factory()
     gw = gateway_factory(policy_server.base_url, topics)
@@ -186,7 +187,11 @@ def test_unattributed_calls_are_served_not_recorded_and_backend_failures_are_502
     r = client.chat.completions.create(model=policy_server.policy, messages=CHAT, max_tokens=4)
     assert r.choices[0].message.content is not None
     assert gw.metric("rollstream_gateway_unattributed_calls_total") == 1
-    assert gw.metric("rollstream_gateway_events_enqueued_total") == 0
+    # Not on calls: on calls-by-response, for the OTLP receiver (tests/producers/test_response_index.py).
+    assert gw.metric(f'rollstream_gateway_events_enqueued_total{{topic="{topics.calls_by_response}"}}') == 1
+    [call] = events(settings, topics, topics.calls_by_response, 1)
+    assert (call["rollout_id"], call["metadata"]["response_id"]) == ("", r.id)
+    assert in_kafka(settings, topics, topics.calls) == 0
 
     dead = gateway_factory(f"http://127.0.0.1:{free_port()}/v1", topics)
     status, body = dead.post("/rollouts/r-1/v1/chat/completions", {"model": "m", "messages": CHAT})
