@@ -63,6 +63,7 @@ SAMPLES: dict[EventType, dict[str, Any]] = {
         "prompt_token_ids": [1, 15, 300], "response_token_ids": [9, 8, 2],
         "behaviour_logprobs": [-0.5, -1.25, 0.0], "reward": 0.0, "credited_return": 0.9025,
         "terminal_reward": 1.0, "credit_assignment": "discounted", "timestamp": T0, "metadata": {},
+        "token_source": "engine",
     },
     "PolicyUpdate": {
         "event_id": "evt-policy-0001", "source": "trainer", "policy": "calc-agent", "version": 13,

@@ -66,6 +66,8 @@ class ProcessorSettings:
     timer_interval: float = field(default_factory=lambda: env_float("PROCESS_TIMER_INTERVAL"))
     max_message_bytes: int = field(default_factory=lambda: env_int("PROCESS_MAX_MESSAGE_BYTES"))
     require_token_ids: bool = field(default_factory=lambda: env("PROCESS_REQUIRE_TOKEN_IDS") not in ("0", "false", ""))
+    # A tokenizer folder or s3:// URI: calls without token ids are tokenized from their text (see retokenize.py).
+    tokenizer: str = field(default_factory=lambda: env("PROCESS_TOKENIZER"))
     web_port: int = field(default_factory=lambda: env_int("PROCESS_WEB_PORT"))
     log_interval: float = field(default_factory=lambda: env_float("PROCESS_LOG_INTERVAL"))
     idle_grace: float = field(default_factory=lambda: env_float("PROCESS_IDLE_GRACE"))

@@ -4,6 +4,11 @@ Every check that can reject an input lives here: size, wire format, schema id, A
 body, rollout id and key, finite reward, token ids. A rejected input becomes a
 DeadLetter event (with its original topic, partition, offset, key and raw value); the
 processor sends it to the dead-letter topic and keeps going.
+
+A call without token ids is tokenized here from its text when the processor has a tokenizer
+(``PROCESS_TOKENIZER``, see retokenize.py): the decoded record then carries the ids, no
+logprobs, and ``token_source`` = ``tokenizer`` (a key of the decoded record only, which the
+join copies into the call's entry), so the rest of the processor handles it like any call.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from rollstream.schemas import make_event
 from rollstream.schemas.codec import EventCodec, parse_header
 from rollstream.schemas.topics import Topics
 from rollstream.stream_processors.join import Kind
+from rollstream.stream_processors.retokenize import CallTokenizer
 
 from rollstream.errors import BadInputError, SerializationError
 
@@ -33,12 +39,14 @@ class InputDecoder:
     """Validates and decodes the records of the calls, rewards and rollouts topics."""
 
     def __init__(
-        self, codec: EventCodec, topics: Topics, max_message_bytes: int, require_token_ids: bool
+        self, codec: EventCodec, topics: Topics, max_message_bytes: int, require_token_ids: bool,
+        tokenizer: CallTokenizer | None = None,
     ) -> None:
         self.codec = codec
         self.kinds: dict[str, Kind] = {topics.calls: "call", topics.rewards: "reward", topics.rollouts: "rollout"}
         self.max_message_bytes = max_message_bytes
         self.require_token_ids = require_token_ids
+        self.tokenizer = tokenizer
         self._known_ids: set[int] = set()
 
     def _check_schema_id(self, schema_id: int) -> None:
@@ -87,12 +95,18 @@ class InputDecoder:
         return Decoded(kind, rollout_id, record)
 
     def _check_call(self, record: dict[str, Any]) -> None:
-        missing = record.get("prompt_token_ids") is None or record.get("response_token_ids") is None
-        if self.require_token_ids and missing:
+        prompt, response = record.get("prompt_token_ids"), record.get("response_token_ids")
+        if self.tokenizer is not None and (not prompt or not response):
+            record["prompt_token_ids"], record["response_token_ids"] = self.tokenizer.token_ids(record)
+            record["response_logprobs"] = None  # they belong to the engine's tokens, not to these
+            record["token_source"] = "tokenizer"
+            return
+        if self.require_token_ids and (prompt is None or response is None):
             raise BadInputError(
                 "invalid_value",
-                f"call {record['call_id']!r} has no token ids; the engine must return them "
-                "(or set ROLLSTREAM_PROCESS_REQUIRE_TOKEN_IDS=0)",
+                f"call {record['call_id']!r} has no token ids; the engine must return them, or set "
+                "ROLLSTREAM_PROCESS_TOKENIZER to the policy's tokenizer (a folder or s3:// URI) to tokenize the "
+                "call's text (or ROLLSTREAM_PROCESS_REQUIRE_TOKEN_IDS=0 to let it through without ids)",
             )
         logprobs = record.get("response_logprobs")
         if logprobs is not None and not all(math.isfinite(x) or x == -math.inf for x in logprobs):

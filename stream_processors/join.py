@@ -57,6 +57,9 @@ class CallEntry:
     start_time: float = 0.0  # seconds since the epoch; orders the calls (the sequence counter restarts with a gateway)
     # True: the token ids and logprobs are stored as a piece of their own (see RolloutState.pieces), not inline.
     piece: bool = False
+    # engine: the ids as the engine produced them; tokenizer: tokenized from the call's text (retokenize.py).
+    # Defaulted, so states stored before the field existed still load.
+    token_source: str = "engine"
 
     @property
     def piece_id(self) -> str:
@@ -238,6 +241,7 @@ def apply(
             agent_name=record.get("agent_name"), policy=record["policy"],
             policy_version=int(record["policy_version"]), prompt_token_ids=[], response_token_ids=[],
             response_logprobs=None, start_time=epoch_seconds(record.get("start_time")), piece=True,
+            token_source=record.get("token_source", "engine"),
         )
         state.calls.append(entry)
         state.new_pieces[entry.piece_id] = pack_tokens(

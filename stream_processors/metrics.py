@@ -10,7 +10,7 @@ from typing import Any
 COUNTERS = (
     "events", "completed", "expired_dropped", "expired_filled", "late", "duplicates", "dead_letters",
     "transitions", "ignored_rewards", "gaps_repaired", "gap_records",
-    "unreadable_batches", "unreadable_records",
+    "unreadable_batches", "unreadable_records", "tokenized_calls",
 )
 
 

@@ -22,6 +22,7 @@ from rollstream.stream_processors.config import ProcessorSettings
 from rollstream.stream_processors.dead_letters import InputDecoder, dead_letter
 from rollstream.stream_processors.join import Outcome, RolloutState
 from rollstream.stream_processors.metrics import Metrics
+from rollstream.stream_processors.retokenize import CallTokenizer, load_tokenizer
 
 from rollstream.errors import BadInputError
 
@@ -73,12 +74,18 @@ def transition_id(rollout_id: str, attempt: int, call_id: str) -> str:
 
 
 class Processor:
-    def __init__(self, settings: ProcessorSettings, topics: Topics, codec: EventCodec, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: ProcessorSettings, topics: Topics, codec: EventCodec, metrics: Metrics,
+        tokenizer: CallTokenizer | None = None,
+    ) -> None:
+        """``tokenizer``: for calls without token ids; by default the one ``settings.tokenizer`` names, if any."""
         self.settings = settings
         self.topics = topics
         self.codec = codec
         self.metrics = metrics
-        self.decoder = InputDecoder(codec, topics, settings.max_message_bytes, settings.require_token_ids)
+        if tokenizer is None and settings.tokenizer:
+            tokenizer = load_tokenizer(settings.tokenizer)
+        self.decoder = InputDecoder(codec, topics, settings.max_message_bytes, settings.require_token_ids, tokenizer)
         self.rules = settings.credit_rules()
         self.agent_pattern = settings.agent_pattern()
 
@@ -107,6 +114,8 @@ class Processor:
             record = dead_letter(self.settings.source, topic, partition, offset, key, value, exc)
             value_out = self.codec.encode(self.topics.dead_letters, record)
             return Decision(outputs=[Output(self.topics.dead_letters, key, value_out)], tracks=False)
+        if decoded.record.get("token_source") == "tokenizer":
+            self.metrics.inc("tokenized_calls")
         state = RolloutState.loads(stored) if stored is not None else None
         state, outcome = join.apply(
             state, decoded.kind, decoded.record, now, self.settings.completion, self.settings.reward_name, ts
@@ -214,5 +223,6 @@ class Processor:
             policy=call.policy, policy_version=call.policy_version, prompt_token_ids=call.prompt_token_ids,
             response_token_ids=call.response_token_ids, behaviour_logprobs=call.response_logprobs,
             reward=reward, credited_return=ret, terminal_reward=terminal, credit_assignment=rule.mode,
+            token_source=call.token_source,
             metadata={"closed": how, "gamma": str(rule.gamma)} if rule.mode == "discounted" else {"closed": how},
         )

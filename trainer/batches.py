@@ -50,6 +50,7 @@ class Sample:
     response_ids: list[int]
     behaviour_logprobs: list[float] | None
     reward: float
+    token_source: str = "engine"  # tokenizer: ids re-tokenized from text by the processor, never with logprobs
 
     @property
     def tokens(self) -> int:
@@ -252,6 +253,13 @@ class TransitionReader:
             self.dropped[record["transition_id"]] = "too_long"
             return None
         behaviour = record.get("behaviour_logprobs")
+        token_source = record.get("token_source") or "engine"
+        if behaviour is not None and token_source == "tokenizer":
+            # Logprobs are the engine's, of the engine's tokens; re-tokenized ids need not be those tokens.
+            log.warning("transition %s was re-tokenized by the processor but carries behaviour logprobs; "
+                        "ignoring them (no importance ratio)", record["transition_id"])
+            self.counts["bad_logprobs"] += 1
+            behaviour = None
         if behaviour is not None and len(behaviour) != len(response):
             log.warning("transition %s has %d behaviour logprobs for %d response tokens; treating as missing",
                         record["transition_id"], len(behaviour), len(response))
@@ -265,7 +273,7 @@ class TransitionReader:
             rollout_key=rollout_key, policy_version=int(record["policy_version"]),
             prompt_ids=prompt, response_ids=response,
             behaviour_logprobs=None if behaviour is None else [float(x) for x in behaviour],
-            reward=float(record[self.config.reward_field]),
+            reward=float(record[self.config.reward_field]), token_source=token_source,
         )
 
     # -- batching ------------------------------------------------------------------------------

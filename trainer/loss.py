@@ -24,7 +24,10 @@ whose per-token logprobs the event carries). With pi the current policy:
   policy-gradient term.
 
 A transition without behaviour logprobs is treated as on-policy: mu is taken as pi detached
-(ratio 1, weight 1); the trainer counts such transitions (``no_behaviour_logprobs``).
+(ratio 1, weight 1); the trainer counts such transitions (``no_behaviour_logprobs``). Transitions whose
+token ids the processor re-tokenized from text (``token_source`` = ``tokenizer``) never have an
+importance ratio: they carry no logprobs, and any they carry are ignored (they would be of other
+tokens); they are counted too (``token_source_tokenizer``).
 
 The optional KL penalty to the frozen reference uses the k3 estimator exp(r-l) - (r-l) - 1.
 """

@@ -292,6 +292,7 @@ def train(config: TrainConfig, connection: ConnectionSettings | None = None,
             now = time.perf_counter()
             if rank == 0 and reader is not None:
                 reader.counts["no_behaviour_logprobs"] += sum(1 for s in samples if s.behaviour_logprobs is None)
+                reader.counts["token_source_tokenizer"] += sum(1 for s in samples if s.token_source == "tokenizer")
                 lags = [max(0, version - s.policy_version) for s in samples]
                 r = torch.tensor(returns)
                 tokens = max(stats.tokens, 1.0)

@@ -99,6 +99,28 @@ def test_objectives_take_steps(
     assert result.counts["no_behaviour_logprobs"] == 4
 
 
+def test_retokenized_transitions_get_no_importance_ratio_and_are_counted(
+    settings: ConnectionSettings, topics: Topics, codec: EventCodec,
+    make_config: Callable[..., TrainConfig], policy: str,
+) -> None:
+    records = group_of(policy, "engine", 4, [1.0, 0.0], logprob=-2.0)
+    # Re-tokenized by the processor: without logprobs, as the processor emits them, and (a foreign producer)
+    # with logprobs, which belong to other tokens and are ignored.
+    records += [dict(r, token_source="tokenizer") for r in group_of(policy, "tok", 4, [1.0, 0.0], logprob=None)]
+    records += [dict(r, token_source="tokenizer") for r in group_of(policy, "tok-lp", 4, [0.0, 1.0], logprob=-2.0)]
+    records += group_of(policy, "engine-2", 4, [0.0, 1.0], logprob=-2.0)
+    produce(settings, codec, topics, records)
+    result = train(make_config(objective="grpo", publish=False), connection_for(settings, topics))
+    assert result.steps == 2 and result.counts["trained"] == 16
+    assert result.counts["token_source_tokenizer"] == 8
+    assert result.counts["no_behaviour_logprobs"] == 8 and result.counts["bad_logprobs"] == 4
+    history = MlflowClient(settings.mlflow_tracking_uri).get_metric_history(result.run_id or "",
+                                                                            "count_token_source_tokenizer")
+    # Cumulative, like every count; which groups make up the first step depends on the partitions' read order.
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2]
+    assert max(history, key=lambda m: m.step).value == 8.0
+
+
 def test_lora_checkpoint_is_an_adapter(
     settings: ConnectionSettings, topics: Topics, codec: EventCodec, store: ObjectStore,
     make_config: Callable[..., TrainConfig], policy: str,
