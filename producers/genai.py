@@ -1,12 +1,15 @@
 """OTLP trace payloads to events: decoding (protobuf and OTLP JSON) and the GenAI span mapping.
 
-A span becomes an **LlmCall** when ``gen_ai.operation.name`` is ``chat``, ``text_completion``
-or ``generate_content`` and it names a rollout; it becomes a **Reward** when it is named
-``rollstream.reward`` (or ``agentlightning.reward``) or carries ``rollstream.reward.value``.
-Every other span is ignored (and counted). The rollout comes from the span's attributes,
-else its resource's: ``rollstream.rollout_id`` (or ``agentlightning.rollout_id``). See
-docs/any-language.md for every attribute read. Mapping validates everything first, so a
-request with one bad span publishes nothing.
+A span becomes an **LlmCall** when it is an LLM span in any convention instrumentations use
+(``gen_ai.operation.name``, OpenLLMetry's ``llm.request.type``, AgentOps' ``gen_ai.request.type``,
+OpenInference's ``openinference.span.kind`` ``LLM``, flattened ``gen_ai.prompt.0.*``) and it has a
+rollout; it becomes a **Reward** when it is named ``rollstream.reward`` (or ``agentlightning.reward``),
+carries ``rollstream.reward.value`` or is an Agent Lightning annotation span; the end of a rollout's
+root span becomes a **RolloutEvent**. Every other span is ignored (and counted). The rollout comes
+from the span's attributes, else its nearest ancestor's (``TraceCache`` remembers them across
+requests and holds spans whose ancestors have not arrived), else its resource's:
+``rollstream.rollout_id`` (or ``agentlightning.rollout_id``). See docs/any-language.md for every
+attribute read. A malformed span is refused on its own; the others are mapped.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import base64
 import math
 import re
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +50,8 @@ TASK_KEYS = ("rollstream.task_id", "agentlightning.task_id")
 GENAI_EVENT_PREFIX = "gen_ai."  # log events kept for their span: gen_ai.user.message, gen_ai.choice, ...
 STATUS_ERROR = 2  # Span.Status.STATUS_CODE_ERROR
 MAX_ERRORS = 5  # rejected spans named in the partial-success message
+FINISH_REASONS = {"tool_call": "tool_calls", "function_call": "tool_calls"}  # OpenLLMetry writes the singular
+TOOL_SPAN_KIND = "AgentOpsSpanKindValues.TOOL"  # AgentOps records a response's tool calls as child spans
 REWARD_VALUE_KEYS = ("rollstream.reward.value", "agentlightning.reward", "reward")
 INT32 = (-(2**31), 2**31 - 1)  # most integer fields of LlmCall and Reward are Avro ints
 INT64 = (-(2**63), 2**63 - 1)
@@ -149,6 +155,9 @@ def attributes(kvs: Any) -> dict[str, Any]:
     return {kv.key: any_value(kv.value) for kv in kvs if isinstance(kv, KeyValue)}
 
 
+Source = tuple[Span, dict[str, Any], str, dict[str, Any]]  # a span, its resource's attributes, where, its attributes
+
+
 @dataclass
 class Mapped:
     """What one export request becomes."""
@@ -162,6 +171,12 @@ class Mapped:
     rejected: int = 0  # malformed spans, refused one by one (OTLP partial success)
     errors: list[str] = field(default_factory=list)  # why, one line per rejected span (the first few)
     no_content: int = 0  # LLM spans recorded without any prompt or completion content
+    empty_spans: list[tuple[str, str]] = field(default_factory=list)  # their (trace id, span id)
+    held: int = 0  # spans kept for later: their ancestors (with the rollout id) have not arrived
+    expired: int = 0  # held spans whose ancestors never came (dropped, unattributed)
+    sources: list[Source] = field(default_factory=list)  # the spans mapped (for remap)
+    decode_rejected: int = 0  # rejections before mapping (bad ids)
+    decode_errors: list[str] = field(default_factory=list)
 
 
 LogEvent = tuple[str, dict[str, Any], Any]  # event name, attributes, body
@@ -177,11 +192,16 @@ class TraceCache:
     receiver's memory: after a restart a span finds only what arrived since.
     """
 
-    def __init__(self, max_traces: int = 20_000) -> None:
+    def __init__(self, max_traces: int = 20_000, hold_s: float = 600.0, max_held: int = 100_000) -> None:
         self.max_traces = max_traces
+        self.hold_s = hold_s
+        self.max_held = max_held
+        self.held: OrderedDict[str, tuple[float, list[Source]]] = OrderedDict()  # by trace, oldest first
+        self.held_spans = 0
         self.traces: OrderedDict[str, dict[str, tuple[str, dict[str, Any]]]] = OrderedDict()
         self.logs: OrderedDict[tuple[str, str], list[LogEvent]] = OrderedDict()
         self.mapped: OrderedDict[tuple[str, str], None] = OrderedDict()  # LLM spans already published
+        self.tool_calls: OrderedDict[tuple[str, str], list[dict[str, Any]]] = OrderedDict()  # by parent span
 
     def note(self, trace_id: str, span_id: str, parent_id: str, attribution: dict[str, Any]) -> None:
         nodes = self.traces.get(trace_id)
@@ -205,6 +225,43 @@ class TraceCache:
                 out.setdefault(key, value)
         return out
 
+    def resolved(self, trace_id: str, parent_id: str) -> bool:
+        """Whether the span's ancestry is known up to an ancestor with a rollout id or the trace's root."""
+        nodes = self.traces.get(trace_id, {})
+        seen: set[str] = set()
+        while parent_id:
+            if parent_id not in nodes or parent_id in seen:
+                return False
+            seen.add(parent_id)
+            parent_id, attribution = nodes[parent_id]
+            if any(attribution.get(k) for k in ROLLOUT_KEYS):
+                return True
+        return True
+
+    def hold(self, trace_id: str, source: Source) -> None:
+        """Keep a span until its ancestors arrive (in memory: a restart of the receiver loses it)."""
+        since, spans = self.held.get(trace_id, (time.monotonic(), []))
+        spans.append(source)
+        self.held[trace_id] = (since, spans)
+        self.held_spans += 1
+
+    def release(self, trace_id: str) -> list[Source]:
+        """The spans held for a trace (held again by the caller if still unresolved)."""
+        _, spans = self.held.pop(trace_id, (0.0, []))
+        self.held_spans -= len(spans)
+        return spans
+
+    def expire(self) -> int:
+        """Drop the spans held longest past ``hold_s`` (or past ``max_held`` spans); how many."""
+        dropped = 0
+        deadline = time.monotonic() - self.hold_s
+        while self.held:
+            trace_id, (since, spans) = next(iter(self.held.items()))
+            if since > deadline and self.held_spans <= self.max_held:
+                break
+            dropped += len(self.release(trace_id))
+        return dropped
+
     def trace_info(self, trace_id: str) -> dict[str, Any]:
         """Attribution found on any span of the trace (group and task ids set on an inner span)."""
         out: dict[str, Any] = {}
@@ -222,7 +279,19 @@ class TraceCache:
             self.logs.popitem(last=False)
         return key not in self.mapped
 
+    def add_tool_call(self, trace_id: str, parent_id: str, call: dict[str, Any]) -> None:
+        """A tool call an LLM span's response made, recorded as a child span of it (AgentOps)."""
+        calls = self.tool_calls.setdefault((trace_id, parent_id), [])
+        if call not in calls:
+            calls.append(call)
+        while len(self.tool_calls) > self.max_traces * 4:
+            self.tool_calls.popitem(last=False)
+
+    def has_logs(self, trace_id: str, span_id: str) -> bool:
+        return (trace_id, span_id) in self.logs
+
     def published(self, trace_id: str, span_id: str) -> None:
+        """The span's calls were published: log events that come for it now come too late."""
         self.mapped[(trace_id, span_id)] = None
         while len(self.mapped) > self.max_traces * 4:
             self.mapped.popitem(last=False)
@@ -331,7 +400,7 @@ def llm_endpoint(reader: SpanReader) -> str | None:
     operation = reader.text("gen_ai.operation.name")
     if operation is not None:
         return LLM_OPERATIONS.get(operation)
-    request_type = reader.text("llm.request.type")
+    request_type = reader.text("llm.request.type", "gen_ai.request.type")  # the latter: AgentOps
     if request_type is not None:
         return LLM_REQUEST_TYPES.get(request_type)
     if reader.text("openinference.span.kind") == "LLM":
@@ -356,11 +425,30 @@ def map_request(request: ExportTraceServiceRequest, default_policy: str, cache: 
 
     A malformed span is refused on its own (counted in ``rejected``, its reason in ``errors``);
     the others are mapped. Attribution comes from the span, else its nearest ancestor that has
-    it (in this request or, through ``cache``, an earlier one), else the resource.
+    it (in this request or, through ``cache``, an earlier one), else the resource. A span whose
+    ancestors have not arrived yet (exporters send children, which end first, before their
+    parents) is held in ``cache`` and mapped with the request that brings them.
     """
     cache = cache if cache is not None else TraceCache()
     out = Mapped()
-    readers: list[tuple[Span, dict[str, Any], str]] = []
+    sources = _collect(request, cache, out)
+    out.decode_rejected, out.decode_errors = out.rejected, list(out.errors)
+    return map_spans(sources, default_policy, cache, out)
+
+
+def remap(mapped: Mapped, default_policy: str, cache: TraceCache) -> Mapped:
+    """The same spans mapped again (after their GenAI log events arrived)."""
+    out = Mapped(spans=mapped.spans, held=mapped.held, expired=mapped.expired, rejected=mapped.decode_rejected,
+                 errors=list(mapped.decode_errors), decode_rejected=mapped.decode_rejected,
+                 decode_errors=list(mapped.decode_errors))
+    return map_spans(mapped.sources, default_policy, cache, out)
+
+
+def _collect(request: ExportTraceServiceRequest, cache: TraceCache, out: Mapped) -> list[Source]:
+    """Note every span's attribution in ``cache`` (a child may come before its parent), then the spans
+    to map now: this request's and the held ones it resolves; unresolved ones are held."""
+    sources: list[Source] = []
+    traces: set[str] = set()
     for i, rs in enumerate(request.resource_spans):
         resource = attributes(rs.resource.attributes)
         for j, ss in enumerate(rs.scope_spans):
@@ -370,11 +458,34 @@ def map_request(request: ExportTraceServiceRequest, default_policy: str, cache: 
                 if len(span.trace_id) != 16 or len(span.span_id) != 8 or len(span.parent_span_id) not in (0, 8):
                     _reject(out, OtlpError(f"{where}: traceId must be 16 bytes, spanId and parentSpanId 8 bytes"))
                     continue
-                # Every span's attribution is known before any is mapped: a child may come before its parent.
-                cache.note(span.trace_id.hex(), span.span_id.hex(), span.parent_span_id.hex(),
-                           _attribution(attributes(span.attributes)))
-                readers.append((span, resource, where))
-    for span, resource, where in readers:
+                attrs = attributes(span.attributes)
+                trace = span.trace_id.hex()
+                traces.add(trace)
+                cache.note(trace, span.span_id.hex(), span.parent_span_id.hex(), _attribution(attrs))
+                if attrs.get("agentops.span.kind") == TOOL_SPAN_KIND and attrs.get("tool.call.id"):
+                    cache.add_tool_call(trace, span.parent_span_id.hex(), {
+                        "id": str(attrs["tool.call.id"]), "type": "function",
+                        "function": {"name": attrs.get("tool.name"), "arguments": attrs.get("tool.parameters", "{}")}})
+                sources.append((span, resource, where, attrs))
+    for trace in traces:
+        sources.extend(cache.release(trace))
+    now: list[Source] = []
+    for source in sources:
+        span, resource, _, attrs = source
+        trace = span.trace_id.hex()
+        if (not any(attrs.get(k) for k in ROLLOUT_KEYS) and not any(resource.get(k) for k in ROLLOUT_KEYS)
+                and not cache.resolved(trace, span.parent_span_id.hex())):
+            cache.hold(trace, source)
+            out.held += 1
+        else:
+            now.append(source)
+    out.expired = cache.expire()
+    return now
+
+
+def map_spans(sources: list[Source], default_policy: str, cache: TraceCache, out: Mapped) -> Mapped:
+    out.sources = sources
+    for span, resource, where, _ in sources:
         trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
         reader = SpanReader(span, resource, where, cache.inherited(trace_id, span.parent_span_id.hex()),
                             cache.logs.get((trace_id, span_id)))
@@ -400,12 +511,12 @@ def _map_span(reader: SpanReader, default_policy: str, cache: TraceCache, out: M
         if reader.text(*ROLLOUT_KEYS, resource=True) is None:
             out.unattributed += 1
             return
-        calls = _calls(reader, endpoint, default_policy)
+        calls = _calls(reader, endpoint, default_policy, cache.tool_calls.get((reader.trace_id, reader.span_id)))
         if not any(c["messages"] or c["prompt"] or c["response_text"] or c["response_tool_calls_json"]
                    for c in calls):
             out.no_content += 1
+            out.empty_spans.append((reader.trace_id, reader.span_id))
         out.calls.extend(calls)
-        cache.published(reader.trace_id, reader.span_id)
         return
     if not reader.parent_id and reader.text(*ROLLOUT_KEYS) is not None:
         if reader.get("rollstream.rollout.finish") is not False:
@@ -471,17 +582,20 @@ def _reward(reader: SpanReader, key: str | None = None, name: str | None = None,
     if not math.isfinite(value):
         raise reader.error(key or REWARD_VALUE_KEYS[0], "must be finite (NaN and infinities are not rewards)")
     terminal = reader.get("rollstream.reward.terminal")
-    if terminal is None and key is not None:
-        terminal = True  # an Agent Lightning annotation is the rollout's final reward
     if terminal is not None and not isinstance(terminal, bool):
         raise reader.error("rollstream.reward.terminal", "must be a boolean")
+    call_id = reader.text("rollstream.reward.call_id", "rollstream.call_id")
+    if terminal is None:
+        # A reward of no call rewards the whole rollout: its final reward (an Agent Lightning annotation or
+        # reward span is one). A reward of one call is an intermediate one unless it says otherwise.
+        terminal = call_id is None
     return make_event(
         "Reward",
         event_id=f"{reader.trace_id}-{reader.span_id}{suffix}",
         source=reader.text("rollstream.reward.source") or SOURCE,
         rollout_id=_rollout_id(reader),
         attempt=reader.integer("rollstream.attempt", 1, resource=True) or 1,
-        call_id=reader.text("rollstream.reward.call_id", "rollstream.call_id"),
+        call_id=call_id,
         name=name or reader.text("rollstream.reward.name") or "primary",
         value=value,
         terminal=bool(terminal),
@@ -490,11 +604,12 @@ def _reward(reader: SpanReader, key: str | None = None, name: str | None = None,
     )
 
 
-def _calls(reader: SpanReader, endpoint: str, default_policy: str) -> list[dict[str, Any]]:
+def _calls(reader: SpanReader, endpoint: str, default_policy: str,
+           child_tools: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     span = reader.span
     messages, prompt = input_messages(reader)
     choices = output_choices(reader)
-    finish_reasons = reader.get("gen_ai.response.finish_reasons")
+    finish_reasons = reader.get("gen_ai.response.finish_reasons", "llm.finish_reason")
     if isinstance(finish_reasons, str):
         finish_reasons = [finish_reasons]
     stop = reader.get("gen_ai.request.stop_sequences")
@@ -536,14 +651,19 @@ def _calls(reader: SpanReader, endpoint: str, default_policy: str) -> list[dict[
         "latency_ms": (end - start) / 1e6,
     }
     token_ids = {
-        "prompt_token_ids": reader.numbers("rollstream.prompt_token_ids", int),
-        "response_token_ids": reader.numbers("rollstream.response_token_ids", int),
+        "prompt_token_ids": reader.numbers("rollstream.prompt_token_ids", int)
+        or reader.numbers("prompt_token_ids", int),  # Agent Lightning's instrumentation of vLLM-style answers
+        "response_token_ids": reader.numbers("rollstream.response_token_ids", int)
+        or reader.numbers("response_token_ids", int),
         "response_logprobs": reader.numbers("rollstream.response_logprobs", float),
     }
     events = []
     for index, (text, tool_calls_json, finish) in enumerate(choices or [("", None, None)]):
         if finish is None and isinstance(finish_reasons, list) and index < len(finish_reasons):
             finish = str(finish_reasons[index])
+        finish = FINISH_REASONS.get(finish, finish) if finish is not None else None
+        if tool_calls_json is None and index == 0 and child_tools:
+            tool_calls_json = dumps(child_tools)
         suffix = "" if len(choices) <= 1 else f"-{index}"
         events.append(make_event(
             "LlmCall",
@@ -564,9 +684,13 @@ def _calls(reader: SpanReader, endpoint: str, default_policy: str) -> list[dict[
 def _tools(reader: SpanReader, request: dict[str, Any]) -> str | None:
     """The tools offered, from the GenAI attributes, OpenLLMetry's ``llm.request.functions.<i>.*``,
     OpenInference's ``llm.tools.<i>.tool.json_schema`` or the raw request."""
-    tools = reader.get("gen_ai.tool.definitions", "gen_ai.request.tools")
+    tools = _loads(reader.get("gen_ai.tool.definitions", "gen_ai.request.tools"))
+    if isinstance(tools, list):  # the conventions' flat {"type", "name", "parameters"}: OpenAI's nested shape
+        tools = [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}}
+                 if isinstance(t, dict) and "function" not in t and "name" in t else t for t in tools]
     if tools is None:
-        functions = unflatten(reader.attrs, "llm.request.functions")
+        functions = unflatten(reader.attrs, "llm.request.functions") or unflatten(reader.attrs,
+                                                                                  "gen_ai.request.functions")
         if functions:
             tools = [{"type": "function", "function": {
                 "name": f.get("name"), "description": f.get("description"),

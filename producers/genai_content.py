@@ -177,10 +177,27 @@ def _from_logs(reader: SpanReader, key: str) -> list[Any] | None:
         for body in sorted(choices, key=lambda b: int(b.get("index") or 0)):
             message = dict(body.get("message") or {})
             message.setdefault("role", "assistant")
+            if body.get("tool_calls") and not message.get("tool_calls"):  # OpenLLMetry: beside the message
+                message["tool_calls"] = body["tool_calls"]
             if body.get("finish_reason") is not None:
                 message["finish_reason"] = body["finish_reason"]
             out.append(message)
-    return out or None
+    return _tool_call_ids(out) or None
+
+
+def _tool_call_ids(messages: list[Any]) -> list[Any]:
+    """Tool results recorded without the id of the call they answer (OpenLLMetry's events) get it from
+    the assistant message before them: its tool calls, answered in order."""
+    pending: list[str] = []
+    for message in messages:
+        if message.get("role") == "assistant" and isinstance(message.get("tool_calls"), list):
+            pending = [str(c.get("id")) for c in message["tool_calls"] if isinstance(c, dict) and c.get("id")]
+        elif message.get("role") == "tool" and pending:
+            if message.get("tool_call_id"):
+                pending = [p for p in pending if p != message["tool_call_id"]]
+            else:
+                message["tool_call_id"] = pending.pop(0)
+    return messages
 
 
 def _first(*sources: Callable[[], list[Any] | None]) -> list[Any] | None:

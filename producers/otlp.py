@@ -23,11 +23,15 @@ keys the receiver binds loopback only.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import dataclasses
 import gzip
 import logging
 import signal
+import time
 import zlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,14 +49,16 @@ from rollstream.producers.genai import (
     decode_logs,
     decode_request,
     map_request,
+    remap,
 )
 from rollstream.producers.http import HttpError, Receive, Scope, Send, header, read_body, respond
 from rollstream.producers.proxy import RolloutTracker
+from rollstream.producers.response_index import ResponseIndex
 from rollstream.schemas.topics import Topics
 
 from rollstream.errors import ConfigError, OtlpError, QueueFullError, RollstreamError
 from rollstream.events import prepare_codec
-from rollstream.settings import ConnectionSettings, env, env_int
+from rollstream.settings import ConnectionSettings, env, env_float, env_int
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +77,16 @@ class OtlpSettings:
     queue_max: int = field(default_factory=lambda: env_int("OTLP_QUEUE_MAX"))
     max_body: int = field(default_factory=lambda: env_int("OTLP_MAX_BODY"))
     api_keys: str = field(default_factory=lambda: env("OTLP_API_KEYS"), repr=False)
+    join_wait: float = field(default_factory=lambda: env_float("OTLP_JOIN_WAIT"))
+    hold: float = field(default_factory=lambda: env_float("OTLP_HOLD"))
+    gateway_join: bool = field(default_factory=lambda: env("OTLP_GATEWAY_JOIN") not in ("0", "false", ""))
 
     def __post_init__(self) -> None:
         for name in ("queue_max", "max_body"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ROLLSTREAM_OTLP_{name.upper()} must be at least 1")
+        if not 0 <= self.join_wait <= 30:
+            raise ConfigError("ROLLSTREAM_OTLP_JOIN_WAIT must be from 0 to 30 seconds (exporters time out at 10)")
 
 
 class OtlpMetrics:
@@ -87,7 +98,9 @@ class OtlpMetrics:
                                 registry=r)
         self.spans = Counter(
             "rollstream_otlp_spans",
-            "Spans received, by kind: llm, reward, ignored (neither), unattributed (LLM span without rollout id).",
+            "Spans received, by kind: llm, reward, ignored (neither), unattributed (LLM span without rollout id), "
+            "held (kept until their ancestors arrive; counted again when mapped), expired (held past "
+            "ROLLSTREAM_OTLP_HOLD seconds without their ancestors: dropped).",
             ["kind"], registry=r,
         )
         self.events = Counter("rollstream_otlp_events_enqueued", "Events enqueued for Kafka, by topic.", ["topic"],
@@ -106,6 +119,12 @@ class OtlpMetrics:
                             "Log records received, by kind: genai (kept for their span), late (their span was "
                             "already published without them), ignored (not a GenAI event or outside a span).",
                             ["kind"], registry=r)
+        self.joined = Counter(
+            "rollstream_otlp_calls_joined",
+            "LLM calls without token ids looked up on the gateway's calls-by-response topic, by result: gateway "
+            "(the gateway's token ids attached), missing (not found in time: the processor's tokenizer fallback "
+            "or a dead letter), no_response_id (the span names no response id to join on).",
+            ["result"], registry=r)
         self.failed = Gauge("rollstream_otlp_events_failed", "Events that could not be published (since start).",
                             registry=r)
 
@@ -136,14 +155,17 @@ class OtlpReceiver:
     """The ASGI application."""
 
     def __init__(self, settings: OtlpSettings, emitter: EventEmitter, topics: Topics,
-                 metrics: OtlpMetrics | None = None) -> None:
+                 metrics: OtlpMetrics | None = None, index: ResponseIndex | None = None) -> None:
         self.settings = settings
         self.emitter = emitter
         self.topics = topics
         self.metrics = metrics or OtlpMetrics()
         self.metrics.watch(emitter)
         self.tracker = RolloutTracker()
-        self.cache = TraceCache()
+        self.cache = TraceCache(hold_s=settings.hold)
+        self.index = index  # the gateway's calls of no rollout, by response id
+        self._gateway_silent = False  # a whole wait found nothing and the index is still empty
+        self.trace_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # a trace's exports publish in arrival order
         self.keys = KeyRing.from_text(settings.api_keys, "ROLLSTREAM_OTLP_API_KEYS", OTLP_SCOPES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -191,11 +213,40 @@ class OtlpReceiver:
             if path == "/v1/logs":
                 self._logs(decode_logs(body, content_type))
                 return 200, ExportLogsServiceResponse().SerializeToString() if protobuf else b"{}", ctype
-            mapped = map_request(decode_request(body, content_type), self.settings.policy, self.cache)
+            request = decode_request(body, content_type)
         except OtlpError as exc:
             status = 415 if str(exc).startswith("unsupported content type") else 400
             log.info("refused an export request (%d): %s", status, exc)
             return status, status_body(protobuf, GRPC_INVALID_ARGUMENT, str(exc)), ctype
+        traces = sorted({span.trace_id.hex() for rs in request.resource_spans for ss in rs.scope_spans
+                         for span in ss.spans})
+        async with contextlib.AsyncExitStack() as stack:
+            for trace in traces:  # sorted: two exports of the same traces never hold one lock each
+                await stack.enter_async_context(self._trace_lock(trace))
+            return await self._publish(request, protobuf, ctype)
+
+    @contextlib.asynccontextmanager
+    async def _trace_lock(self, trace: str) -> AsyncIterator[None]:
+        """While an export of a trace waits for tokens or content, a later export of that trace (with its
+        root span: the rollout's end) waits too, so that a rollout never ends before its calls are out."""
+        lock, users = self.trace_locks.get(trace, (asyncio.Lock(), 0))
+        self.trace_locks[trace] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self.trace_locks[trace]
+            if users == 1:
+                del self.trace_locks[trace]
+            else:
+                self.trace_locks[trace] = (lock, users - 1)
+
+    async def _publish(self, request: Any, protobuf: bool, ctype: bytes) -> tuple[int, bytes, bytes]:
+        deadline = time.monotonic() + self.settings.join_wait
+        mapped = map_request(request, self.settings.policy, self.cache)
+        if mapped.empty_spans and self.settings.join_wait > 0 and await self._content(mapped.empty_spans, deadline):
+            mapped = remap(mapped, self.settings.policy, self.cache)  # again, with the log events now here
+        await self._join(mapped.calls, deadline)
         self._sequence(mapped.calls)
         items: list[tuple[str, str, Payload]] = [(self.topics.calls, c["rollout_id"], c) for c in mapped.calls]
         items += [(self.topics.rewards, r["rollout_id"], r) for r in mapped.rewards]
@@ -207,6 +258,8 @@ class OtlpReceiver:
             return 503, status_body(protobuf, GRPC_UNAVAILABLE, str(exc)), ctype
         except RollstreamError as exc:
             return 500, status_body(protobuf, GRPC_INTERNAL, str(exc)), ctype
+        for call in mapped.calls:
+            self.cache.published(call["metadata"]["trace_id"], call["metadata"]["span_id"])
         m = self.metrics
         m.spans.labels("llm").inc(len({c["metadata"]["span_id"] for c in mapped.calls}))
         m.spans.labels("reward").inc(len(mapped.rewards))
@@ -219,6 +272,8 @@ class OtlpReceiver:
         if mapped.rollouts:
             m.events.labels(self.topics.rollouts).inc(len(mapped.rollouts))
         m.rejected.inc(mapped.rejected)
+        m.spans.labels("held").inc(mapped.held)
+        m.spans.labels("expired").inc(mapped.expired)
         m.no_content.inc(mapped.no_content)
         if not mapped.rejected:
             return 200, ExportTraceServiceResponse().SerializeToString() if protobuf else b"{}", ctype
@@ -232,6 +287,46 @@ class OtlpReceiver:
             return 200, answer.SerializeToString(), ctype
         return 200, orjson.dumps({"partialSuccess": {"rejectedSpans": str(mapped.rejected),
                                                      "errorMessage": message}}), ctype
+
+    async def _content(self, spans: list[tuple[str, str]], deadline: float) -> bool:
+        """Wait (until ``deadline``) for log events of LLM spans that came without content; whether any came."""
+        while time.monotonic() < deadline:
+            if all(self.cache.has_logs(*s) for s in spans):
+                return True
+            await asyncio.sleep(0.05)
+        return any(self.cache.has_logs(*s) for s in spans)
+
+    async def _join(self, calls: list[dict[str, Any]], deadline: float) -> None:
+        """Give calls without token ids the gateway's record of the same response, when there is one."""
+        if self.index is None:
+            return
+        if self._gateway_silent and len(self.index) == 0:  # no gateway records calls here: no wait for it
+            return
+        lacking = [c for c in calls if c["prompt_token_ids"] is None or c["response_token_ids"] is None]
+        if not lacking:
+            return
+        with_id = [c for c in lacking if c["metadata"].get("response_id")]
+        if len(with_id) < len(lacking):
+            self.metrics.joined.labels("no_response_id").inc(len(lacking) - len(with_id))
+        if not with_id:
+            return
+        wait = max(0.0, deadline - time.monotonic())
+        found = await asyncio.gather(*(self.index.wait_for(c["metadata"]["response_id"],
+                                                           int(c["metadata"].get("choice_index", 0)), wait)
+                                       for c in with_id))
+        # Nothing found and nothing indexed at all: no gateway records calls of no rollout here. Wait no more
+        # until its first record comes (a first call's record may still be on its way, so the first wait is whole).
+        self._gateway_silent = all(r is None for r in found) and len(self.index) == 0
+        for call, record in zip(with_id, found, strict=True):
+            if record is None:
+                self.metrics.joined.labels("missing").inc()
+                continue
+            self.metrics.joined.labels("gateway").inc()
+            call.update(prompt_token_ids=record["prompt_token_ids"], response_token_ids=record["response_token_ids"],
+                        response_logprobs=record["response_logprobs"], policy=record["policy"] or call["policy"],
+                        policy_version=record["policy_version"] or call["policy_version"])
+            call["metadata"]["tokens_from"] = "gateway"
+            call["metadata"]["gateway_call_id"] = str(record["call_id"])
 
     def _logs(self, request: Any) -> None:
         """Keep each GenAI log event for the span it was emitted in (by trace and span id)."""
@@ -316,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     emitter = EventEmitter(codec, conn, queue_max=settings.queue_max, on_full="raise", delivery_timeout_ms=0,
                            name="otlp-events")
-    app = OtlpReceiver(settings, emitter, codec.topics)
+    index = ResponseIndex(conn, codec.topics) if settings.gateway_join else None
+    if index is not None:
+        index.start()
+    app = OtlpReceiver(settings, emitter, codec.topics, index=index)
     log.info("OTLP receiver on http://%s:%d/v1/traces; events to %s* (queue %d)", settings.host, settings.port,
              codec.topics.prefix, settings.queue_max)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on", access_log=False,
@@ -327,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uvicorn.Server(config).run()
     finally:
+        if index is not None:
+            index.close()
         remaining = emitter.close(timeout=30.0)
         if remaining:
             log.error("%d event(s) still undelivered at shutdown; they are lost", remaining)

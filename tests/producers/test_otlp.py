@@ -115,6 +115,19 @@ def test_reward_spans_other_spans_and_spans_without_rollout() -> None:
     assert no_rollout.unattributed == 1 and not no_rollout.calls
 
 
+def test_a_reward_of_no_call_is_the_rollouts_final_one_unless_it_says_otherwise() -> None:
+    mapped = _map(payload(
+        span("0000000000000008", "rollstream.reward", {"rollstream.reward.value": 1.0}),
+        span("0000000000000009", "rollstream.reward",
+             {"rollstream.reward.value": 0.2, "rollstream.reward.call_id": "c"}),
+        span("000000000000000a", "rollstream.reward",
+             {"rollstream.reward.value": 0.5, "rollstream.reward.terminal": False}),
+        resource={"rollstream.rollout_id": "r4"},
+    ))
+    assert [(r["value"], r["call_id"], r["terminal"]) for r in mapped.rewards] == [
+        (1.0, None, True), (0.2, "c", False), (0.5, None, False)]
+
+
 @pytest.mark.parametrize(("body", "content_type", "reason"), [
     (b"{not json", "application/json", "not valid JSON"),
     (b"\xff\xff\xff", "application/x-protobuf", "not a protobuf"),
@@ -237,8 +250,8 @@ def test_attribution_comes_from_ancestors_in_earlier_requests_and_the_root_span_
     (call,) = second.calls
     assert (call["rollout_id"], call["agent_name"]) == ("ra", "solver")
     assert second.rewards[0]["rollout_id"] == "ra" and second.rollouts == []
-    alone = map_request(_spans(llm), "p")  # without what the earlier request said, the call has no rollout
-    assert alone.unattributed == 1 and alone.calls == []
+    alone = map_request(_spans(llm), "p")  # without what the earlier request said, the call waits for it
+    assert alone.held == 1 and alone.calls == []
 
 
 def test_a_failed_root_span_fails_its_rollout_and_finish_false_keeps_it_open() -> None:
@@ -377,3 +390,23 @@ def test_content_sent_as_log_events_joins_its_span() -> None:
     status, body = _post_path(app, "/v1/logs", b"{not json")
     assert status == 400 and b"not valid JSON" in body
     assert _post_path(app, "/v1/metrics", b"{}")[0] == 404
+
+
+def test_spans_that_come_before_their_root_are_held_until_it_arrives() -> None:
+    cache = TraceCache()
+    llm = child("0000000000000102", "0000000000000101", "chat tiny", {**CHAT})
+    reward = child("0000000000000103", "0000000000000101", "rollstream.reward", {"rollstream.reward.value": 1.0})
+    other = child("0000000000000104", "0000000000000101", "tool", {})
+    first = map_request(_spans(llm, reward, other), "p", cache)  # a simple span processor: children end first
+    assert (first.held, first.calls, first.rewards, first.rejected) == (3, [], [], 0)
+    root = span("0000000000000101", "rollout", {"rollstream.rollout_id": "rh", "rollstream.group_id": "g"})
+    second = map_request(_spans(root), "p", cache)
+    assert [c["rollout_id"] for c in second.calls] == ["rh"] and second.rewards[0]["rollout_id"] == "rh"
+    assert (second.rollouts[0]["group_id"], second.ignored, cache.held_spans) == ("g", 1, 0)
+    # A trace whose root names no rollout: its held spans are unattributed, not held forever.
+    orphan = child("0000000000000202", "0000000000000201", "chat tiny", {**CHAT})
+    assert map_request(_spans(orphan), "p", cache).held == 1
+    plain_root = span("0000000000000201", "request", {})
+    assert map_request(_spans(plain_root), "p", cache).unattributed == 1 and cache.held_spans == 0
+    expiring = TraceCache(hold_s=0.0)
+    assert map_request(_spans(llm), "p", expiring).expired == 1 and expiring.held_spans == 0
