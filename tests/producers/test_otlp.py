@@ -175,11 +175,12 @@ class RecordingEmitter:
         return 0
 
 
-def _post(app: OtlpReceiver, body: bytes, content_type: str, encoding: str | None = None) -> tuple[int, bytes]:
+def _post(app: OtlpReceiver, body: bytes, content_type: str = "application/json", encoding: str | None = None,
+          path: str = "/v1/traces") -> tuple[int, bytes]:
     headers = [(b"content-type", content_type.encode())]
     if encoding:
         headers.append((b"content-encoding", encoding.encode()))
-    scope = {"type": "http", "method": "POST", "path": "/v1/traces", "headers": headers}
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -347,20 +348,6 @@ def _body(value: Any) -> dict[str, Any]:
         {"key": k, "value": _body(v)} for k, v in value.items()]}}
 
 
-def _post_path(app: OtlpReceiver, path: str, body: bytes) -> tuple[int, bytes]:
-    scope = {"type": "http", "method": "POST", "path": path, "headers": [(b"content-type", b"application/json")]}
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    asyncio.run(app(scope, receive, send))
-    return sent[0]["status"], sent[1]["body"]
-
-
 def test_content_sent_as_log_events_joins_its_span() -> None:
     emitter = RecordingEmitter()
     topics = Topics(prefix="unit.")
@@ -372,24 +359,24 @@ def test_content_sent_as_log_events_joins_its_span() -> None:
             {"index": 0, "finish_reason": "stop", "message": {"content": "Answer: 4"}})},
         {"traceId": TRACE, "spanId": "00000000000000ff", "eventName": "http.request"},
     ]
-    assert _post_path(app, "/v1/logs", _logs(*records))[0] == 200
+    assert _post(app, _logs(*records), path="/v1/logs")[0] == 200
     llm = span("00000000000000f0", "chat tiny", {"gen_ai.operation.name": "chat", "rollstream.rollout_id": "rl"})
-    status, _ = _post_path(app, "/v1/traces", orjson.dumps(payload(llm)))
+    status, _ = _post(app, orjson.dumps(payload(llm)), path="/v1/traces")
     (call,) = [r for _, _, r in emitter.items]
     assert status == 200 and call["messages"][0]["content"] == "What is 2 plus 2?"
     assert (call["response_text"], call["finish_reason"]) == ("Answer: 4", "stop")
     details = {**ids, "spanId": "00000000000000f1", "eventName": "gen_ai.client.inference.operation.details",
                "attributes": [_attr("gen_ai.input.messages", orjson.dumps(
                    [{"role": "user", "parts": [{"type": "text", "content": "hello"}]}]).decode())]}
-    assert _post_path(app, "/v1/logs", _logs(details))[0] == 200
+    assert _post(app, _logs(details), path="/v1/logs")[0] == 200
     late = {**ids, "eventName": "gen_ai.user.message", "body": _body({"content": "too late"})}
-    _post_path(app, "/v1/logs", _logs(late))
+    _post(app, _logs(late), path="/v1/logs")
     text = generate_latest(app.metrics.registry).decode()
     assert 'rollstream_otlp_log_records_total{kind="late"} 1.0' in text
     assert 'rollstream_otlp_log_records_total{kind="ignored"} 1.0' in text
-    status, body = _post_path(app, "/v1/logs", b"{not json")
+    status, body = _post(app, b"{not json", path="/v1/logs")
     assert status == 400 and b"not valid JSON" in body
-    assert _post_path(app, "/v1/metrics", b"{}")[0] == 404
+    assert _post(app, b"{}", path="/v1/metrics")[0] == 404
 
 
 def test_spans_that_come_before_their_root_are_held_until_it_arrives() -> None:
