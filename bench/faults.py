@@ -66,17 +66,17 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from rich.console import Console
 from rich.table import Table
+
 from rollstream.demo import agent, model, tasks
 from rollstream.demo.main import _ensure_stack, add_loop_arguments, trainer_args
 from rollstream.demo.services import Loop
+from rollstream.errors import RollstreamError
 from rollstream.schemas.codec import EventCodec, registry_client
 from rollstream.schemas.topics import Topics, consumer_config
-from rollstream.trainer.checkpoint import CheckpointStore
-
-from rollstream.errors import RollstreamError
 from rollstream.settings import ConnectionSettings, env
 from rollstream.stack import Stack
 from rollstream.storage import ObjectStore
+from rollstream.trainer.checkpoint import CheckpointStore
 
 log = logging.getLogger("faults")
 

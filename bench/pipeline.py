@@ -42,10 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
+
 from rollstream.schemas import make_event
 from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
 from rollstream.schemas.topics import Topics, consumer_config, create_topics, producer_config
-
 from rollstream.settings import ConnectionSettings
 
 ROOT = Path(__file__).resolve().parents[1]

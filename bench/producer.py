@@ -33,11 +33,11 @@ from typing import Any
 
 from confluent_kafka import Producer
 from openai.types.chat import ChatCompletion
+
 from rollstream.producers.instrument import _sync_create
 from rollstream.producers.sdk import Client, SdkSettings
 from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
 from rollstream.schemas.topics import Topics, create_topics, producer_config
-
 from rollstream.settings import ConnectionSettings
 
 TOKENS = 64

@@ -37,9 +37,10 @@ PROMPTS = [f"Request {i}: what is the weather in paris and how does the agent pl
 def baseline(model_dir: Path, requests: int, max_tokens: int) -> dict[str, float]:
     """Sequential generation in-process: one request at a time through the same decode loop."""
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from rollstream.serving.engine import Engine, SamplingParams
     from rollstream.serving.loading import set_threads
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     set_threads(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -61,6 +61,7 @@ def build_records(policy: str, steps: int, vocab: int) -> list[dict[str, Any]]:
 def in_memory(config: Any, model_dir: Path, records: list[dict[str, Any]], threads: int) -> tuple[float, list[float]]:
     """Tokens/s of the trainer's loss and step on batches held in memory (no Kafka, no MLflow), and step times."""
     import torch
+
     from rollstream.trainer.loss import advantages, pack, policy_loss, token_logprobs
     from rollstream.trainer.model import load_policy
 
@@ -96,10 +97,10 @@ def in_memory(config: Any, model_dir: Path, records: list[dict[str, Any]], threa
 def restore_time(config: Any, model_dir: Path, uri: str) -> float:
     """Download a checkpoint and load its weights and optimizer state, as a restarting trainer does."""
     import torch
-    from rollstream.trainer.checkpoint import OPTIMIZER, CheckpointStore
-    from rollstream.trainer.model import load_policy
 
     from rollstream.storage import ObjectStore
+    from rollstream.trainer.checkpoint import OPTIMIZER, CheckpointStore
+    from rollstream.trainer.model import load_policy
 
     step = int(uri.rstrip("/").rsplit("-", 1)[1])
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,15 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from rich.console import Console
     from rich.table import Table
+
+    from rollstream.events import EventProducer
     from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
     from rollstream.schemas.topics import Topics, create_topics
     from rollstream.serving.tiny import build_tiny_model
-    from rollstream.trainer.config import TrainConfig
-    from rollstream.trainer.train import train
-
-    from rollstream.events import EventProducer
     from rollstream.settings import ConnectionSettings
     from rollstream.storage import ObjectStore
+    from rollstream.trainer.config import TrainConfig
+    from rollstream.trainer.train import train
 
     console = Console(stderr=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -118,6 +118,7 @@ class Policy:
 
     def __init__(self, config: Any, model_dir: Path, device: Any, emulate_bf16: bool = False) -> None:
         import torch
+
         from rollstream.trainer.model import load_policy
 
         self.config, self.device = config, device
@@ -131,6 +132,7 @@ class Policy:
     def logprobs(self, rows: list[Row]) -> list[list[float]]:
         """Each row's response-token logprobs (no gradient)."""
         import torch
+
         from rollstream.trainer.loss import pack, token_logprobs
 
         packed = pack([r.prompt for r in rows], [r.response for r in rows], [None] * len(rows),
@@ -144,6 +146,7 @@ class Policy:
     def step(self, rows: list[Row], keep_grads: bool = False) -> dict[str, Any]:
         """One training step as train.py takes it (one process): loss, grad norm, and the clipped gradients."""
         import torch
+
         from rollstream.trainer.loss import LossStats, advantages, pack, policy_loss, token_logprobs
 
         config = self.config
@@ -280,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from rich.console import Console
     from rich.table import Table
+    from transformers.utils import logging as hf_logging
+
     from rollstream.serving.tiny import build_tiny_model
     from rollstream.trainer.config import TrainConfig
-    from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 from openai import OpenAI
+
 from rollstream.demo import tasks
 from rollstream.demo.tasks import Task
 

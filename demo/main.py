@@ -27,10 +27,10 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
 from rollstream.demo import agent, model, tasks
 from rollstream.demo.report import Curves, plot
 from rollstream.demo.services import Loop
-
 from rollstream.errors import RollstreamError
 from rollstream.settings import ConnectionSettings, env
 

@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from rollstream.demo import tasks
-from rollstream.serving.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -40,7 +38,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from rollstream.demo import tasks
 from rollstream.errors import ConfigError
+from rollstream.serving.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
 from rollstream.settings import env
 
 log = logging.getLogger(__name__)

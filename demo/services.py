@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rollstream.errors import RollstreamError
 from rollstream.schemas.codec import register_schemas, registry_client
 from rollstream.schemas.topics import Topics, create_topics
 from rollstream.serving.launch import ServerProcess, free_port, get_json
-from rollstream.trainer.checkpoint import CheckpointStore
-
-from rollstream.errors import RollstreamError
 from rollstream.settings import ConnectionSettings
 from rollstream.storage import ObjectStore
+from rollstream.trainer.checkpoint import CheckpointStore
 
 log = logging.getLogger(__name__)
 

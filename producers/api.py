@@ -20,9 +20,8 @@ import math
 import uuid
 from typing import Any
 
-from rollstream.schemas import make_event
-
 from rollstream.errors import InvalidEventError
+from rollstream.schemas import make_event
 
 MAX_ID = 256
 MAX_ATTEMPT = 2**31 - 1  # attempts are Avro ints

@@ -23,9 +23,8 @@ import logging
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from rollstream.producers.http import HttpError
-
 from rollstream.errors import ConfigError
+from rollstream.producers.http import HttpError
 
 log = logging.getLogger(__name__)
 

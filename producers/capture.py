@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
+
 from rollstream.schemas import make_event
 
 Endpoint = Literal["CHAT_COMPLETIONS", "COMPLETIONS", "RESPONSES", "MESSAGES"]

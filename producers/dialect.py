@@ -13,6 +13,7 @@ import uuid
 from typing import Any, Protocol
 
 import orjson
+
 from rollstream.producers.capture import Endpoint
 
 

@@ -28,11 +28,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal
 
-from rollstream.producers.kafka_core import Delivery, KafkaCore
-from rollstream.schemas.codec import EventCodec
-
 from rollstream.errors import ConfigError, QueueFullError, RollstreamError
 from rollstream.events import DeliveryError
+from rollstream.producers.kafka_core import Delivery, KafkaCore
+from rollstream.schemas.codec import EventCodec
 from rollstream.settings import ConnectionSettings
 
 log = logging.getLogger(__name__)

@@ -49,6 +49,9 @@ from dataclasses import dataclass, field
 from typing import Any, cast, get_args
 
 import orjson
+
+from rollstream.errors import ConfigError, RollstreamError, SerializationError
+from rollstream.events import prepare_codec
 from rollstream.producers import api
 from rollstream.producers.auth import KeyRing, ScopeName, guard_unauthenticated, is_loopback  # noqa: F401 - re-exported
 from rollstream.producers.capture import SOURCE
@@ -69,9 +72,6 @@ from rollstream.producers.model_names import ModelMap
 from rollstream.producers.proxy import Attribution, ModelProxy, OnFull
 from rollstream.producers.publisher import LINGER_MS, Acks, Delivery, KafkaPublisher, Publisher, acknowledgement
 from rollstream.schemas.topics import Topics
-
-from rollstream.errors import ConfigError, RollstreamError, SerializationError
-from rollstream.events import prepare_codec
 from rollstream.settings import ConnectionSettings, env, env_float, env_int
 
 log = logging.getLogger(__name__)

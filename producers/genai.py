@@ -29,10 +29,10 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
-from rollstream.producers.genai_content import input_messages, output_choices, raw_request, raw_response, unflatten
-from rollstream.schemas import make_event
 
 from rollstream.errors import OtlpError
+from rollstream.producers.genai_content import input_messages, output_choices, raw_request, raw_response, unflatten
+from rollstream.schemas import make_event
 
 SOURCE = "otlp"
 LLM_OPERATIONS = {"chat": "CHAT_COMPLETIONS", "generate_content": "CHAT_COMPLETIONS", "text_completion": "COMPLETIONS"}

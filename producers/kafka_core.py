@@ -42,8 +42,8 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from rollstream.schemas.topics import producer_config
 
+from rollstream.schemas.topics import producer_config
 from rollstream.settings import ConnectionSettings
 
 log = logging.getLogger(__name__)

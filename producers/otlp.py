@@ -39,6 +39,9 @@ import orjson
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from rollstream.errors import ConfigError, OtlpError, QueueFullError, RollstreamError
+from rollstream.events import prepare_codec
 from rollstream.producers.auth import OTLP_SCOPES, KeyRing, guard_unauthenticated
 from rollstream.producers.emitter import EventEmitter, Payload
 from rollstream.producers.genai import (
@@ -55,9 +58,6 @@ from rollstream.producers.http import HttpError, Receive, Scope, Send, header, r
 from rollstream.producers.proxy import RolloutTracker
 from rollstream.producers.response_index import ResponseIndex
 from rollstream.schemas.topics import Topics
-
-from rollstream.errors import ConfigError, OtlpError, QueueFullError, RollstreamError
-from rollstream.events import prepare_codec
 from rollstream.settings import ConnectionSettings, env, env_float, env_int
 
 log = logging.getLogger(__name__)

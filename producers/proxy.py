@@ -38,6 +38,8 @@ from typing import Any, Literal
 
 import aiohttp
 import orjson
+
+from rollstream.errors import SerializationError
 from rollstream.producers.capture import (
     CallAssembler,
     CallContext,
@@ -54,8 +56,6 @@ from rollstream.producers.metrics import GatewayMetrics
 from rollstream.producers.model_names import BACKEND_MODEL, ModelMap
 from rollstream.producers.publisher import Acks, Delivery, Publisher, Recorded, acknowledgement
 from rollstream.producers.responses import ResponsesCall
-
-from rollstream.errors import SerializationError
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ from typing import Any, Literal, Protocol
 from rollstream.producers.kafka_core import Delivery, KafkaCore, Recorded
 from rollstream.producers.metrics import GatewayMetrics
 from rollstream.schemas.codec import EventCodec
-
 from rollstream.settings import ConnectionSettings
 
 # Recorded, from kafka_core, is also what the gateway's answer says about its events (``X-Rollstream-Recorded``).

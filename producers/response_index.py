@@ -22,10 +22,10 @@ from types import TracebackType
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
-from rollstream.schemas.codec import EventCodec, registry_client
-from rollstream.schemas.topics import Topics, consumer_config
 
 from rollstream.errors import SerializationError
+from rollstream.schemas.codec import EventCodec, registry_client
+from rollstream.schemas.topics import Topics, consumer_config
 from rollstream.settings import ConnectionSettings
 
 log = logging.getLogger(__name__)

@@ -34,14 +34,13 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, cast, get_args
 
+from rollstream.errors import ConfigError, InvalidEventError, ProducerError
+from rollstream.events import DeliveryError
 from rollstream.producers import api
 from rollstream.producers.emitter import EventEmitter, OnFull, Payload
 from rollstream.schemas import schema_text
 from rollstream.schemas.codec import EventCodec, register, registry_client
 from rollstream.schemas.topics import Topics
-
-from rollstream.errors import ConfigError, InvalidEventError, ProducerError
-from rollstream.events import DeliveryError
 from rollstream.settings import ConnectionSettings, env, env_float, env_int
 
 log = logging.getLogger(__name__)

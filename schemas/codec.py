@@ -17,10 +17,10 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerialize
 from confluent_kafka.serialization import MessageField, SerializationContext, StringDeserializer, StringSerializer
 from confluent_kafka.serialization import SerializationError as KafkaSerdeError
 from fastavro.read import SchemaResolutionError
-from rollstream.schemas import EventType, int_fields, parsed_schema, schema_text
-from rollstream.schemas.topics import Topics
 
 from rollstream.errors import SchemaError, SerializationError
+from rollstream.schemas import EventType, int_fields, parsed_schema, schema_text
+from rollstream.schemas.topics import Topics
 from rollstream.settings import ConnectionSettings
 
 COMPATIBILITY = "BACKWARD"

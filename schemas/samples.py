@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
+
 from rollstream.schemas import EVENT_TYPES, SCHEMA_DIR, EventType, parsed_schema
 from rollstream.schemas.codec import encode_body
 

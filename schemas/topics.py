@@ -18,9 +18,9 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
-from rollstream.schemas import EventType
 
 from rollstream.errors import TopicError
+from rollstream.schemas import EventType
 from rollstream.settings import ConnectionSettings, kafka_client_config
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import cast
 
-from rollstream.serving.tools import TOOL_CALL_PARSERS, ToolCallParser
-
 from rollstream.errors import ConfigError
+from rollstream.serving.tools import TOOL_CALL_PARSERS, ToolCallParser
 from rollstream.settings import PREFIX, ConnectionSettings, env, env_int
 
 

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import torch
-from rollstream.serving.grammar import Grammars
-from rollstream.serving.text import Detokenizer
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
+
+from rollstream.serving.grammar import Grammars
+from rollstream.serving.text import Detokenizer
 
 log = logging.getLogger(__name__)
 

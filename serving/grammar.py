@@ -20,10 +20,10 @@ import llguidance
 import llguidance.hf
 import llguidance.torch
 import torch
-from rollstream.serving.tools import CLOSE, OPEN
 from transformers import PreTrainedTokenizerBase
 
 from rollstream.errors import GrammarError
+from rollstream.serving.tools import CLOSE, OPEN
 
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 

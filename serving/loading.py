@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rollstream.serving.engine import Engine
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from rollstream.devices import pick_device
 from rollstream.errors import GrammarError, ServeError, StorageError
+from rollstream.serving.engine import Engine
 from rollstream.settings import ConnectionSettings
 from rollstream.storage import ObjectStore
 

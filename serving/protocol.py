@@ -18,13 +18,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+from transformers import PreTrainedTokenizerBase
+
+from rollstream.errors import GrammarError, InvalidRequestError
 from rollstream.serving.engine import Delta, Engine, FinishReason, SamplingParams, TokenLogprob
 from rollstream.serving.grammar import output_grammar
 from rollstream.serving.text import token_bytes, token_text
 from rollstream.serving.tools import HermesStream, ToolCall, ToolCallParser, parse_calls, stream_parser
-from transformers import PreTrainedTokenizerBase
-
-from rollstream.errors import GrammarError, InvalidRequestError
 
 Kind = Literal["chat", "completion"]
 MAX_TOP_LOGPROBS = 20

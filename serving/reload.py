@@ -21,12 +21,12 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
+
+from rollstream.errors import RollstreamError
 from rollstream.schemas.codec import EventCodec, registry_client
 from rollstream.schemas.topics import Topics, consumer_config
 from rollstream.serving.engine import Engine
 from rollstream.serving.scheduler import Scheduler
-
-from rollstream.errors import RollstreamError
 from rollstream.settings import ConnectionSettings
 
 log = logging.getLogger(__name__)

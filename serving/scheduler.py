@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
 from rollstream.serving.engine import Batch, Delta, Engine, SamplingParams, Sequence
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,12 @@ from typing import Any
 import orjson
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from rollstream.errors import ConfigError, InvalidRequestError, RollstreamError
 from rollstream.schemas.topics import Topics
 from rollstream.serving.config import ServeSettings
 from rollstream.serving.engine import Delta
@@ -40,12 +46,6 @@ from rollstream.serving.protocol import (
 from rollstream.serving.reload import EngineTarget, PolicyWatcher
 from rollstream.serving.scheduler import Admitted, Event, Failed, Scheduler
 from rollstream.serving.tools import TOOL_CALL_PARSERS, ToolCallParser
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
-
-from rollstream.errors import ConfigError, InvalidRequestError, RollstreamError
 
 log = logging.getLogger(__name__)
 

@@ -45,12 +45,12 @@ from typing import Any
 import aiohttp
 import orjson
 import uvicorn
+
+from rollstream.errors import ConfigError, RollstreamError, ServeError, StorageError
 from rollstream.producers.http import Receive, Scope, Send, read_body, respond
 from rollstream.schemas.topics import Topics
 from rollstream.serving.launch import ServerProcess, get_json
 from rollstream.serving.reload import PolicyWatcher
-
-from rollstream.errors import ConfigError, RollstreamError, ServeError, StorageError
 from rollstream.settings import ConnectionSettings, env
 from rollstream.storage import ObjectStore
 

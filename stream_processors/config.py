@@ -7,10 +7,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from rollstream.stream_processors.credit import CreditRule, parse_rules
-
 from rollstream.errors import ConfigError
 from rollstream.settings import PREFIX, env, env_float, env_int
+from rollstream.stream_processors.credit import CreditRule, parse_rules
 
 Guarantee = Literal["exactly_once", "at_least_once"]
 Completion = Literal["finished", "terminal_reward"]

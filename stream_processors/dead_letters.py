@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka.schema_registry import SchemaRegistryError
+
+from rollstream.errors import BadInputError, SerializationError
 from rollstream.schemas import make_event
 from rollstream.schemas.codec import EventCodec, parse_header
 from rollstream.schemas.topics import Topics
 from rollstream.stream_processors.join import Kind
 from rollstream.stream_processors.retokenize import CallTokenizer
-
-from rollstream.errors import BadInputError, SerializationError
 
 
 @dataclass(frozen=True)

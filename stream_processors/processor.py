@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rollstream.errors import BadInputError
 from rollstream.schemas import make_event
 from rollstream.schemas.codec import EventCodec
 from rollstream.schemas.topics import Topics
@@ -23,8 +24,6 @@ from rollstream.stream_processors.dead_letters import InputDecoder, dead_letter
 from rollstream.stream_processors.join import Outcome, RolloutState
 from rollstream.stream_processors.metrics import Metrics
 from rollstream.stream_processors.retokenize import CallTokenizer, load_tokenizer
-
-from rollstream.errors import BadInputError
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,8 @@ import faust
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from faust.types import TP
+
+from rollstream.errors import ProcessorError, RollstreamError
 from rollstream.schemas.codec import EventCodec, registry_client
 from rollstream.schemas.topics import (
     MAX_RECORD_BYTES,
@@ -43,15 +45,13 @@ from rollstream.schemas.topics import (
     consumer_config,
     create_topics,
 )
+from rollstream.settings import ConnectionSettings, kafka_client_config
 from rollstream.stream_processors.auth import faust_credentials
 from rollstream.stream_processors.config import ProcessorSettings
 from rollstream.stream_processors.join import RolloutState, Watermarks
 from rollstream.stream_processors.metrics import Metrics
 from rollstream.stream_processors.processor import KEEP, Decision, Output, Processor, piece_key
 from rollstream.stream_processors.unreadable import Unreadable, guard_batches
-
-from rollstream.errors import ProcessorError, RollstreamError
-from rollstream.settings import ConnectionSettings, kafka_client_config
 
 log = logging.getLogger(__name__)
 

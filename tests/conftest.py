@@ -12,10 +12,10 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
-from rollstream.schemas.topics import Topics, create_topics
 
 from rollstream.errors import StackError
+from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
+from rollstream.schemas.topics import Topics, create_topics
 from rollstream.settings import ConnectionSettings, env
 from rollstream.stack import Stack
 from rollstream.storage import ObjectStore
@@ -95,9 +95,8 @@ def bucket(store: ObjectStore) -> str:
 
 from pathlib import Path  # noqa: E402
 
-from rollstream.serving.launch import ServerProcess  # noqa: E402
-
 from rollstream.errors import RollstreamError  # noqa: E402
+from rollstream.serving.launch import ServerProcess  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
-from rollstream.schemas.codec import EventCodec
-from rollstream.schemas.topics import consumer_config
-from rollstream.trainer.config import TrainConfig
 
 from rollstream.errors import SerializationError, TrainerError
+from rollstream.schemas.codec import EventCodec
+from rollstream.schemas.topics import consumer_config
 from rollstream.settings import ConnectionSettings
+from rollstream.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -36,13 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rollstream.schemas import make_event
-from rollstream.schemas.topics import Topics
-from rollstream.trainer.config import TrainConfig
-
 from rollstream.errors import StorageError, TrainerError
 from rollstream.events import DeliveryError, EventProducer
+from rollstream.schemas import make_event
+from rollstream.schemas.topics import Topics
 from rollstream.storage import ObjectStore, S3Uri, files_under, transient
+from rollstream.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from rollstream.trainer.config import Correction, Objective
 
 

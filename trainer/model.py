@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rollstream.trainer.config import TrainConfig
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from rollstream.errors import StorageError, TrainerError
 from rollstream.settings import ConnectionSettings
+from rollstream.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -45,20 +45,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from rollstream.schemas.codec import EventCodec, registry_client
-from rollstream.schemas.topics import Topics
-from rollstream.trainer.batches import Batch, TransitionReader
-from rollstream.trainer.checkpoint import OPTIMIZER, STATE, CheckpointStore, Retry, Tracker, announce, prune, step_dir
-from rollstream.trainer.config import TrainConfig, parse_config
-from rollstream.trainer.loss import LossStats, advantages, pack, policy_loss, token_logprobs
-from rollstream.trainer.model import load_policy, load_reference, local_model_dir, save_weights
 from tqdm import tqdm
 
 from rollstream.devices import pick_device
 from rollstream.errors import RollstreamError, StorageError, TrainerError
 from rollstream.events import EventProducer
+from rollstream.schemas.codec import EventCodec, registry_client
+from rollstream.schemas.topics import Topics
 from rollstream.settings import ConnectionSettings
 from rollstream.storage import ObjectStore
+from rollstream.trainer.batches import Batch, TransitionReader
+from rollstream.trainer.checkpoint import OPTIMIZER, STATE, CheckpointStore, Retry, Tracker, announce, prune, step_dir
+from rollstream.trainer.config import TrainConfig, parse_config
+from rollstream.trainer.loss import LossStats, advantages, pack, policy_loss, token_logprobs
+from rollstream.trainer.model import load_policy, load_reference, local_model_dir, save_weights
 
 log = logging.getLogger(__name__)
 

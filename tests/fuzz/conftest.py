@@ -15,6 +15,7 @@ from typing import Any
 from confluent_kafka.schema_registry import Schema
 from confluent_kafka.schema_registry._sync.mock_schema_registry_client import MockSchemaRegistryClient
 from hypothesis import HealthCheck, settings
+
 from rollstream.producers.publisher import Delivery
 from rollstream.schemas import schema_text
 from rollstream.schemas.codec import EventCodec, subject

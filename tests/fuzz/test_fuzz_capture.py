@@ -18,6 +18,7 @@ from conftest import mock_codec
 from fuzz_strategies import BACKEND_BODY, CHAT_BODY, COMPLETION_BODY, JSON
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+
 from rollstream.producers.capture import CallAssembler, CallContext, Endpoint, prepare_request, strip_chunk
 from rollstream.schemas.topics import Topics
 

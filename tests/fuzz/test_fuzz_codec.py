@@ -9,12 +9,12 @@ from conftest import mock_codec
 from fuzz_strategies import mutated
 from hypothesis import given
 from hypothesis import strategies as st
+
+from rollstream.errors import SerializationError
 from rollstream.schemas import EVENT_TYPES, EventType
 from rollstream.schemas.codec import HEADER, decode_body, parse_header
 from rollstream.schemas.samples import VECTOR_DIR
 from rollstream.schemas.topics import Topics
-
-from rollstream.errors import SerializationError
 
 pytestmark = pytest.mark.fuzz
 

@@ -14,6 +14,7 @@ import pytest
 from fuzz_strategies import BACKEND_BODY, JSON, TEXT, shaped
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
+
 from rollstream.producers.http import HttpError
 from rollstream.producers.messages import MessagesCall
 from rollstream.producers.responses import ResponsesCall

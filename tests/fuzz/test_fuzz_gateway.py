@@ -36,6 +36,7 @@ from fuzz_strategies import (
 )
 from hypothesis import example, given
 from hypothesis import strategies as st
+
 from rollstream.producers.gateway import Gateway, GatewaySettings
 from rollstream.schemas.topics import Topics
 

@@ -17,11 +17,11 @@ from conftest import EncodingEmitter, mock_codec
 from fuzz_strategies import FLOATS, INTS, JSON, TEXT, dumps, mutated
 from hypothesis import example, given
 from hypothesis import strategies as st
+
+from rollstream.errors import OtlpError
 from rollstream.producers.genai import decode_request, map_request
 from rollstream.producers.otlp import OtlpReceiver, OtlpSettings
 from rollstream.schemas.topics import Topics
-
-from rollstream.errors import OtlpError
 
 pytestmark = pytest.mark.fuzz
 

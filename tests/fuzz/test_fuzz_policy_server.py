@@ -18,11 +18,12 @@ from hypothesis import strategies as st
 pytestmark = pytest.mark.fuzz
 
 import torch  # noqa: E402 - the policy server needs it; setup installs the ml extra
+from starlette.testclient import TestClient  # noqa: E402
+
 from rollstream.serving.loading import load_engine  # noqa: E402
 from rollstream.serving.scheduler import Scheduler  # noqa: E402
 from rollstream.serving.server import PolicyServer  # noqa: E402
 from rollstream.serving.tiny import build_tiny_model  # noqa: E402
-from starlette.testclient import TestClient  # noqa: E402
 
 CHAT_OK = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": true}'
 COMPLETION_OK = b'{"model": "tiny", "prompt": "hi", "max_tokens": 2, "n": 2, "return_token_ids": true}'

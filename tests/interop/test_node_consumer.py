@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from rollstream.events import EventProducer
 from rollstream.schemas.codec import EventCodec
 from rollstream.schemas.samples import SAMPLES
 from rollstream.schemas.topics import Topics
-
-from rollstream.events import EventProducer
 from rollstream.settings import ConnectionSettings
 
 pytestmark = pytest.mark.integration

@@ -12,13 +12,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+
+from rollstream.events import read_events
 from rollstream.producers.sdk import Client
 from rollstream.schemas import make_event
 from rollstream.schemas.codec import EventCodec
 from rollstream.schemas.samples import SAMPLES
 from rollstream.schemas.topics import Topics
-
-from rollstream.events import read_events
 from rollstream.settings import ConnectionSettings
 
 pytestmark = pytest.mark.integration

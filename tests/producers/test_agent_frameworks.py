@@ -32,12 +32,12 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer
+
 from rollstream.demo import model as demo_model
 from rollstream.demo import tasks
 from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
 from rollstream.schemas.topics import Topics, consumer_config, create_topics
 from rollstream.serving.launch import ServerProcess, free_port
-
 from rollstream.settings import ConnectionSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

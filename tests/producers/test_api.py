@@ -8,13 +8,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+
+from rollstream.errors import GatewayError, InvalidEventError, RollstreamError
 from rollstream.producers import api
 from rollstream.producers.gateway import Gateway, GatewaySettings
 from rollstream.producers.http import HttpError, error_body
 from rollstream.producers.publisher import Delivery
 from rollstream.schemas.topics import Topics
-
-from rollstream.errors import GatewayError, InvalidEventError, RollstreamError
 
 TOPICS = Topics(prefix="unit.")
 NOT_FINITE = "'value': must be finite (NaN and infinities are not rewards)"

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from rollstream.producers.auth import KeyRing, parse_api_keys
-from rollstream.producers.http import HttpError
 
 from rollstream.errors import ConfigError
+from rollstream.producers.auth import KeyRing, parse_api_keys
+from rollstream.producers.http import HttpError
 
 
 def test_parse_keys_and_scopes() -> None:

@@ -12,13 +12,13 @@ import httpx
 import orjson
 import pytest
 from aiohttp import web
+
+from rollstream.errors import ConfigError
 from rollstream.producers.gateway import Gateway, GatewaySettings, is_loopback, main, parse_attribution
 from rollstream.producers.http import HttpError
 from rollstream.producers.publisher import Delivery
 from rollstream.schemas.codec import encode_body
 from rollstream.schemas.topics import Topics
-
-from rollstream.errors import ConfigError
 
 TOPICS = Topics(prefix="unit.")
 DEAD_BACKEND = "http://127.0.0.1:9/v1"  # discard port: nothing listens

@@ -13,14 +13,14 @@ import pytest
 from aiohttp import web
 from anthropic.types import Message
 from openai.types.responses import Response
-from rollstream.producers.gateway import Gateway, GatewaySettings
-from rollstream.producers.model_names import BACKEND_MODEL, ModelMap
-from rollstream.schemas.codec import encode_body
-from rollstream.schemas.topics import Topics
 from test_gateway_app import RecordingPublisher
 from test_responses import sse_events
 
 from rollstream.errors import ConfigError
+from rollstream.producers.gateway import Gateway, GatewaySettings
+from rollstream.producers.model_names import BACKEND_MODEL, ModelMap
+from rollstream.schemas.codec import encode_body
+from rollstream.schemas.topics import Topics
 
 TOPICS = Topics(prefix="unit.")
 PROMPT_IDS, OUT_IDS = [5, 6, 7], [11, 12]

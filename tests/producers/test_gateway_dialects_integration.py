@@ -13,9 +13,9 @@ import anthropic
 import openai
 import pytest
 from openai import OpenAI
-from rollstream.schemas.topics import Topics
 from test_gateway_integration import GatewayProcess, events, gateway_factory  # noqa: F401 - a fixture
 
+from rollstream.schemas.topics import Topics
 from rollstream.settings import ConnectionSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from openai import OpenAI
-from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
-from rollstream.schemas.topics import Topics, consumer_config
 
 from rollstream.events import read_events
+from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
+from rollstream.schemas.topics import Topics, consumer_config
 from rollstream.settings import ConnectionSettings, StackSettings
 from rollstream.stack.kafka import Kafka
 

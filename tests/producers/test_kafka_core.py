@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, NewTopic
+
 from rollstream.producers.kafka_core import QUEUE_FULL, Delivery, KafkaCore
 from rollstream.schemas.topics import client_config, consumer_config
-
 from rollstream.settings import ConnectionSettings
 
 DEAD = ConnectionSettings(kafka_bootstrap="127.0.0.1:1")

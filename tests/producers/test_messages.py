@@ -10,9 +10,10 @@ import pytest
 from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
+from test_responses import USAGE, chunk, sse_events
+
 from rollstream.producers.http import HttpError, anthropic_error_body
 from rollstream.producers.messages import MessagesCall, to_chat
-from test_responses import USAGE, chunk, sse_events
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(RawMessageStreamEvent)
 WEATHER = {"name": "weather", "description": "Weather in a city",

@@ -24,15 +24,15 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from rollstream.schemas.codec import EventCodec
-from rollstream.schemas.topics import Topics, consumer_config
-from rollstream.serving.launch import ServerProcess
-from rollstream.trainer.config import TrainConfig
-from rollstream.trainer.train import train
 from test_gateway_integration import GatewayProcess, gateway_factory  # noqa: F401 - a fixture
 from test_otlp_integration import Receiver, receiver  # noqa: F401 - a fixture
 
+from rollstream.schemas.codec import EventCodec
+from rollstream.schemas.topics import Topics, consumer_config
+from rollstream.serving.launch import ServerProcess
 from rollstream.settings import ConnectionSettings
+from rollstream.trainer.config import TrainConfig
+from rollstream.trainer.train import train
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "stream_processors"))
 from sp_helpers import WorkerProcess  # noqa: E402

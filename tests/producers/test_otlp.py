@@ -14,12 +14,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from prometheus_client import generate_latest
+
+from rollstream.errors import OtlpError, QueueFullError
 from rollstream.producers.genai import TraceCache, decode_request, map_request
 from rollstream.producers.otlp import OtlpReceiver, OtlpSettings
 from rollstream.schemas import parsed_schema
 from rollstream.schemas.topics import Topics
-
-from rollstream.errors import OtlpError, QueueFullError
 
 TRACE = "5b8efff798038103d269b633813fc60c"
 

@@ -18,10 +18,10 @@ from typing import Any
 import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from rollstream.schemas.codec import EventCodec
-from rollstream.schemas.topics import Topics, consumer_config
 
 from rollstream.events import Received, read_events
+from rollstream.schemas.codec import EventCodec
+from rollstream.schemas.topics import Topics, consumer_config
 from rollstream.settings import ConnectionSettings
 
 pytestmark = pytest.mark.integration

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 from openai import OpenAI
-from rollstream.producers.response_index import ResponseIndex
-from rollstream.schemas.topics import Topics
 from test_gateway_integration import CHAT, GatewayProcess, events, gateway_factory, in_kafka  # noqa: F401 - a fixture
 
+from rollstream.producers.response_index import ResponseIndex
+from rollstream.schemas.topics import Topics
 from rollstream.settings import ConnectionSettings
 
 PARAMS: dict[str, Any] = {"max_tokens": 8, "temperature": 0, "seed": 1}

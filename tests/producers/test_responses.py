@@ -11,6 +11,7 @@ from openai import omit
 from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
+
 from rollstream.producers.http import HttpError
 from rollstream.producers.responses import ResponsesCall, to_chat
 

@@ -12,13 +12,13 @@ import httpx2
 import orjson
 import pytest
 from openai import AsyncOpenAI, OpenAI
+
+from rollstream.errors import ProducerError, QueueFullError
+from rollstream.events import DeliveryError
 from rollstream.producers.emitter import EventEmitter
 from rollstream.producers.instrument import instrument
 from rollstream.producers.sdk import Client, SdkSettings, bind, current_rollout
 from rollstream.schemas.topics import Topics
-
-from rollstream.errors import ProducerError, QueueFullError
-from rollstream.events import DeliveryError
 from rollstream.settings import ConnectionSettings
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError
+
 from rollstream.producers.sdk import Client, SdkSettings
 from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
 from rollstream.schemas.topics import Topics, consumer_config, create_topics
-
 from rollstream.settings import ConnectionSettings, StackSettings
 from rollstream.stack.kafka import Kafka
 from rollstream.stack.process import port_in_use, wait_until

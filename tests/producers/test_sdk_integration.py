@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from openai import AsyncOpenAI, OpenAI
+
+from rollstream.events import Received, read_events
 from rollstream.producers.instrument import instrument
 from rollstream.producers.sdk import Client, bind, current_rollout
 from rollstream.schemas.codec import EventCodec
 from rollstream.schemas.topics import Topics, consumer_config
-
-from rollstream.events import Received, read_events
 from rollstream.settings import ConnectionSettings
 
 pytestmark = pytest.mark.integration

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import orjson
 from aiohttp import web
+
 from rollstream.producers.gateway import Gateway, GatewaySettings
 from rollstream.producers.publisher import Delivery
 from rollstream.schemas.codec import encode_body

@@ -16,6 +16,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from rollstream.producers.gateway import MODEL_ROUTES, Gateway, GatewaySettings
 from rollstream.producers.otlp import OtlpReceiver, OtlpSettings
 from rollstream.producers.publisher import Delivery
@@ -140,9 +141,8 @@ def test_otlp_traces_need_a_key_with_the_traces_scope(content_type: str) -> None
 
 
 def test_otlp_key_scopes_are_checked() -> None:
-    from rollstream.producers.auth import KeyRing
-
     from rollstream.errors import ConfigError
+    from rollstream.producers.auth import KeyRing
 
     with pytest.raises(ConfigError, match="ROLLSTREAM_OTLP_API_KEYS"):
         KeyRing.from_text("k=models", "ROLLSTREAM_OTLP_API_KEYS", ("traces",))

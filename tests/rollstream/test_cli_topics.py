@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
+
 from rollstream.schemas.codec import registry_client
 from rollstream.schemas.topics import Topics, client_config
-
 from rollstream.settings import ConnectionSettings
 
 pytestmark = [pytest.mark.integration]

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer
-from rollstream.schemas.topics import Topics, client_config, consumer_config, create_topics, producer_config
 
 from rollstream.errors import ConfigError, StackError, TopicError
+from rollstream.schemas.topics import Topics, client_config, consumer_config, create_topics, producer_config
 from rollstream.settings import ConnectionSettings, StackSettings, kafka_client_config
 from rollstream.stack.kafka import SaslKafka
 from rollstream.stack.process import wait_until
@@ -117,6 +117,7 @@ def test_sasl_plain_broker_through_rollstream_kafka_config(sasl_broker: SaslKafk
 
 def test_sasl_settings_become_faust_credentials() -> None:
     import faust
+
     from rollstream.stream_processors.auth import faust_credentials
 
     assert faust_credentials({}) is None

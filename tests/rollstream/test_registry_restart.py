@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from rollstream.schemas.codec import EventCodec, register, register_schemas, registry_client, subject
 from rollstream.schemas.samples import SAMPLES
 from rollstream.schemas.topics import Topics, create_topics
-
 from rollstream.settings import ConnectionSettings, StackSettings
 from rollstream.stack import Stack
 from rollstream.stack.process import port_in_use, wait_until

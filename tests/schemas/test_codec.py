@@ -7,13 +7,13 @@ import uuid
 
 import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from rollstream.errors import SchemaError, SerializationError
+from rollstream.events import EventProducer, read_events
 from rollstream.schemas import EVENT_TYPES, make_event, schema_dict
 from rollstream.schemas.codec import COMPATIBILITY, EventCodec, register, registry_client, subject
 from rollstream.schemas.samples import SAMPLES
 from rollstream.schemas.topics import Topics
-
-from rollstream.errors import SchemaError, SerializationError
-from rollstream.events import EventProducer, read_events
 from rollstream.settings import ConnectionSettings
 
 pytestmark = pytest.mark.integration

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+
+from rollstream.errors import SchemaError, SerializationError
 from rollstream.schemas import EVENT_TYPES, SCHEMA_FILES, field_names, make_event, schema_dict
 from rollstream.schemas.codec import decode_body, encode_body, parse_header
 from rollstream.schemas.samples import SAMPLES, VECTOR_DIR, from_json, to_json
-
-from rollstream.errors import SchemaError, SerializationError
 
 
 def _fields(schema: dict) -> list[dict]:

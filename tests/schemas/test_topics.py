@@ -8,12 +8,12 @@ from collections.abc import Callable
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
-from rollstream.schemas import make_event
-from rollstream.schemas.codec import EventCodec
-from rollstream.schemas.topics import Topics, check_copartitioned, consumer_config, create_topics, producer_config
 
 from rollstream.errors import TopicError
 from rollstream.events import EventProducer
+from rollstream.schemas import make_event
+from rollstream.schemas.codec import EventCodec
+from rollstream.schemas.topics import Topics, check_copartitioned, consumer_config, create_topics, producer_config
 from rollstream.settings import ConnectionSettings
 
 pytestmark = pytest.mark.integration

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from rollstream.serving.engine import Engine, SamplingParams, Sequence
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rollstream.serving.engine import Engine, SamplingParams, Sequence
 
 PROMPTS = ["hello world what is", "the agent", "a b c d e f g h i j k l", "Weather in paris?"]
 

@@ -12,9 +12,10 @@ from typing import Any
 import openai
 import pytest
 from openai import OpenAI
+from transformers import AutoTokenizer
+
 from rollstream.serving.launch import ServerProcess, get_json
 from rollstream.serving.protocol import chat_prompt_ids
-from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.integration
 

@@ -10,6 +10,9 @@ from typing import Any
 
 import pytest
 from openai import OpenAI
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rollstream.events import EventProducer
 from rollstream.schemas import make_event
 from rollstream.schemas.codec import EventCodec, registry_client
 from rollstream.schemas.topics import Topics
@@ -17,9 +20,6 @@ from rollstream.serving.engine import Engine, SamplingParams
 from rollstream.serving.launch import ServerProcess
 from rollstream.serving.protocol import chat_prompt_ids
 from rollstream.serving.tiny import build_tiny_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from rollstream.events import EventProducer
 from rollstream.settings import ConnectionSettings
 from rollstream.storage import ObjectStore
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from rollstream.serving.engine import Delta, Engine, SamplingParams
 from rollstream.serving.scheduler import Admitted, Event, Failed, Scheduler
 from rollstream.serving.tiny import build_tiny_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def make_engine(path: Path, version: int = 0) -> Engine:

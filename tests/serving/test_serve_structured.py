@@ -18,6 +18,10 @@ import pytest
 import torch
 from openai import OpenAI
 from pydantic import BaseModel, Field
+from starlette.testclient import TestClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rollstream.errors import ConfigError, GrammarError
 from rollstream.serving.config import ServeSettings
 from rollstream.serving.engine import Engine, SamplingParams
 from rollstream.serving.grammar import Grammars, output_grammar
@@ -25,10 +29,6 @@ from rollstream.serving.launch import ServerProcess
 from rollstream.serving.scheduler import Scheduler
 from rollstream.serving.server import PolicyServer, build_parser, settings_from_args
 from rollstream.serving.tools import parse_calls
-from starlette.testclient import TestClient
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from rollstream.errors import ConfigError, GrammarError
 
 MESSAGES = [{"role": "user", "content": "Grade this answer."}]
 VERDICT = {"type": "object", "properties": {"ok": {"type": "boolean"}, "grade": {"enum": ["a", "b", "c"]}},

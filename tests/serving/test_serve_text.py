@@ -6,13 +6,13 @@ import time
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from rollstream.errors import ConfigError
 from rollstream.serving.config import ServeSettings
 from rollstream.serving.protocol import chat_prompt_ids
 from rollstream.serving.text import Detokenizer, token_bytes
 from rollstream.serving.tiny import build_tiny_model
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
-
-from rollstream.errors import ConfigError
 
 TEXT = "Hello wörld ✓ 日本語 🙂 the agent answers."
 

@@ -17,10 +17,11 @@ from typing import Any
 import jsonschema
 import pytest
 from openai import OpenAI
+from transformers import AutoTokenizer
+
 from rollstream.serving.launch import ServerProcess
 from rollstream.serving.protocol import chat_prompt_ids
 from rollstream.serving.tools import HermesStream, ToolCall, parse_calls, split
-from transformers import AutoTokenizer
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "enum": ["paris", "tokyo", "london"]},
                                             "days": {"type": "integer", "minimum": 1, "maximum": 7}},

@@ -24,21 +24,21 @@ import pytest
 import torch
 from confluent_kafka import Consumer
 from openai import OpenAI
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from rollstream.demo import tasks
 from rollstream.demo.model import build_tiny
+from rollstream.errors import ConfigError
+from rollstream.events import EventProducer
 from rollstream.schemas import make_event
 from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
 from rollstream.schemas.topics import Topics, consumer_config, create_topics
 from rollstream.serving.launch import free_port, get_json
 from rollstream.serving.vllm import vllm_python
-from rollstream.trainer.config import TrainConfig
-from rollstream.trainer.model import load_policy, save_weights
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from rollstream.errors import ConfigError
-from rollstream.events import EventProducer
 from rollstream.settings import ConnectionSettings
 from rollstream.storage import ObjectStore
+from rollstream.trainer.config import TrainConfig
+from rollstream.trainer.model import load_policy, save_weights
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

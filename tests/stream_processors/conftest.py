@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rollstream.schemas.codec import EventCodec
-from rollstream.schemas.topics import Topics
 from sp_helpers import Pipe, WorkerProcess
 
+from rollstream.schemas.codec import EventCodec
+from rollstream.schemas.topics import Topics
 from rollstream.settings import ConnectionSettings
 
 

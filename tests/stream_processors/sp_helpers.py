@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer
+
 from rollstream.schemas import make_event
 from rollstream.schemas.codec import EventCodec
 from rollstream.schemas.topics import Topics, consumer_config, producer_config
-
 from rollstream.settings import ConnectionSettings
 
 ROLLSTREAM = Path(sys.executable).with_name("rollstream")

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rollstream.schemas.topics import Topics
 from sp_helpers import Pipe, free_port
 
+from rollstream.schemas.topics import Topics
 from rollstream.settings import ConnectionSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
-from rollstream.schemas.codec import EventCodec
-from rollstream.schemas.topics import Topics, producer_config
 from sp_helpers import Pipe, call, lifecycle, reward
 
+from rollstream.schemas.codec import EventCodec
+from rollstream.schemas.topics import Topics, producer_config
 from rollstream.settings import ConnectionSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -90,6 +90,7 @@ def test_the_batch_guard_still_fits_aiokafka() -> None:
     from aiokafka.record.default_records import DefaultRecordBatchBuilder
     from aiokafka.record.memory_records import MemoryRecords
     from aiokafka.structs import TopicPartition
+
     from rollstream.stream_processors.unreadable import Unreadable, guard_batches
 
     params = list(inspect.signature(fetcher.PartitionRecords.__init__).parameters)

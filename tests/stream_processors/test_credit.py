@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from rollstream.stream_processors.credit import CreditRule, assign, parse_rules, rule_for
 
 from rollstream.errors import ConfigError
+from rollstream.stream_processors.credit import CreditRule, assign, parse_rules, rule_for
 
 CALLS = ["a", "b", "c"]
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from rollstream.stream_processors.join import Outcome, RolloutState, Watermarks, apply, close, is_expired
 from sp_helpers import call, lifecycle, reward
+
+from rollstream.stream_processors.join import Outcome, RolloutState, Watermarks, apply, close, is_expired
 
 
 def feed(events: list[tuple[str, dict]], completion: str = "finished") -> tuple[RolloutState | None, list[Outcome]]:

@@ -7,10 +7,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from sp_helpers import Pipe, call, lifecycle, reward
+
 from rollstream.schemas.codec import EventCodec
 from rollstream.schemas.topics import Topics
 from rollstream.stream_processors.join import pack_tokens, unpack_tokens
-from sp_helpers import Pipe, call, lifecycle, reward
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

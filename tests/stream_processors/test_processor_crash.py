@@ -15,8 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from rollstream.stream_processors.processor import transition_id
 from sp_helpers import Pipe, call, lifecycle, reward
+
+from rollstream.stream_processors.processor import transition_id
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -10,6 +10,9 @@ from typing import Any
 import orjson
 import pytest
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from sp_helpers import call, lifecycle, reward
+
+from rollstream.errors import BadInputError, ConfigError
 from rollstream.schemas import schema_text
 from rollstream.schemas.codec import EventCodec, subject
 from rollstream.schemas.topics import Topics
@@ -18,9 +21,6 @@ from rollstream.stream_processors.join import RolloutState
 from rollstream.stream_processors.metrics import Metrics
 from rollstream.stream_processors.processor import Processor
 from rollstream.stream_processors.retokenize import CallTokenizer, load_tokenizer
-from sp_helpers import call, lifecycle, reward
-
-from rollstream.errors import BadInputError, ConfigError
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                            "parameters": {"type": "object",

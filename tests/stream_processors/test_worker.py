@@ -11,10 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
-from rollstream.schemas.topics import Topics, create_topics
 from sp_helpers import ROLLSTREAM, Pipe, call, lifecycle, reward
 
+from rollstream.schemas.codec import EventCodec, register_schemas, registry_client
+from rollstream.schemas.topics import Topics, create_topics
 from rollstream.settings import ConnectionSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -190,6 +190,7 @@ def test_records_skipped_by_committed_offsets_are_processed_from_the_ledger(
     offsets, reads the skipped range itself and emits every transition.
     """
     from confluent_kafka import Consumer, TopicPartition
+
     from rollstream.schemas.topics import consumer_config
 
     tps = topics_factory(partitions=1)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from rollstream.serving.tiny import build_tiny_model
 from rollstream.trainer.config import TrainConfig
 

@@ -20,14 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from rollstream.schemas.codec import EventCodec
-from rollstream.schemas.topics import Topics
-from rollstream.trainer.checkpoint import CheckpointStore
-from rollstream.trainer.config import TrainConfig
 from trainer_helpers import group_of, produce
 
+from rollstream.schemas.codec import EventCodec
+from rollstream.schemas.topics import Topics
 from rollstream.settings import ConnectionSettings
 from rollstream.storage import ObjectStore
+from rollstream.trainer.checkpoint import CheckpointStore
+from rollstream.trainer.config import TrainConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from rollstream.schemas.codec import EventCodec, registry_client
-from rollstream.schemas.topics import Topics
-from rollstream.trainer.checkpoint import CheckpointStore
-from rollstream.trainer.config import TrainConfig
 from safetensors.torch import load
 from test_crash import trainer_env
 from trainer_helpers import group_of, produce
 
+from rollstream.schemas.codec import EventCodec, registry_client
+from rollstream.schemas.topics import Topics
 from rollstream.settings import ConnectionSettings
 from rollstream.storage import ObjectStore
+from rollstream.trainer.checkpoint import CheckpointStore
+from rollstream.trainer.config import TrainConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

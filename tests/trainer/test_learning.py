@@ -18,17 +18,17 @@ from typing import Any
 
 import pytest
 import torch
-from rollstream.schemas.codec import EventCodec
-from rollstream.schemas.topics import Topics
-from rollstream.trainer.checkpoint import CheckpointStore
-from rollstream.trainer.config import TrainConfig
-from rollstream.trainer.train import TrainResult, train
 from safetensors.torch import load
 from trainer_helpers import connection_for, produce, transition
 from transformers import AutoModelForCausalLM
 
+from rollstream.schemas.codec import EventCodec
+from rollstream.schemas.topics import Topics
 from rollstream.settings import ConnectionSettings
 from rollstream.storage import ObjectStore
+from rollstream.trainer.checkpoint import CheckpointStore
+from rollstream.trainer.config import TrainConfig
+from rollstream.trainer.train import TrainResult, train
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from rollstream.errors import ConfigError
 from rollstream.trainer.batches import RecentIds
 from rollstream.trainer.config import TrainConfig, parse_config
 from rollstream.trainer.loss import advantages, pack, policy_loss
-
-from rollstream.errors import ConfigError
 
 
 def test_grpo_rloo_reinforce_advantages() -> None:

@@ -14,18 +14,18 @@ import pytest
 from minio.error import S3Error
 from mlflow import MlflowClient
 from outage_proxy import OutageProxy
-from rollstream.schemas.codec import EventCodec
-from rollstream.schemas.topics import Topics
-from rollstream.trainer.checkpoint import CheckpointStore, Retry, mlflow_transient
-from rollstream.trainer.config import TrainConfig
-from rollstream.trainer.train import train
 from trainer_helpers import connection_for, group_of, produce
 from urllib3.exceptions import MaxRetryError
 
 from rollstream.errors import ConfigError, RollstreamError, StorageError, TrainerError
 from rollstream.events import read_events
+from rollstream.schemas.codec import EventCodec
+from rollstream.schemas.topics import Topics
 from rollstream.settings import ConnectionSettings
 from rollstream.storage import ObjectStore, transient
+from rollstream.trainer.checkpoint import CheckpointStore, Retry, mlflow_transient
+from rollstream.trainer.config import TrainConfig
+from rollstream.trainer.train import train
 
 CHECKPOINT_LOG = "rollstream.trainer.checkpoint"
 

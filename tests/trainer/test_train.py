@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
-from rollstream.schemas.codec import EventCodec
-from rollstream.schemas.topics import Topics
-from rollstream.trainer.checkpoint import CheckpointStore
-from rollstream.trainer.config import TrainConfig
-from rollstream.trainer.train import train
 from safetensors.torch import load_file
 from trainer_helpers import connection_for, group_of, produce, transition
 
 from rollstream.events import read_events
+from rollstream.schemas.codec import EventCodec
+from rollstream.schemas.topics import Topics
 from rollstream.settings import ConnectionSettings
 from rollstream.storage import ObjectStore
+from rollstream.trainer.checkpoint import CheckpointStore
+from rollstream.trainer.config import TrainConfig
+from rollstream.trainer.train import train
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -6,11 +6,10 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
+from rollstream.events import EventProducer
 from rollstream.schemas import make_event
 from rollstream.schemas.codec import EventCodec
 from rollstream.schemas.topics import Topics
-
-from rollstream.events import EventProducer
 from rollstream.settings import ConnectionSettings
 
 
