@@ -68,7 +68,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rollstream.demo import agent, model, tasks
-from rollstream.demo.main import _ensure_stack, add_loop_arguments, trainer_args
+from rollstream.demo.main import add_loop_arguments, ensure_stack, trainer_args
 from rollstream.demo.services import Loop
 from rollstream.errors import RollstreamError
 from rollstream.schemas.codec import EventCodec, registry_client
@@ -240,7 +240,7 @@ class FaultRun:
 
     def run(self) -> dict[str, Any]:
         args = self.args
-        _ensure_stack(self.console)
+        ensure_stack(self.console)
         with self.console.status(f"preparing the {args.model} model…"):
             model_dir = model.build_model(args.model)
         train_args = trainer_args(args, self.conn, self.run_id)

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
     run_dir = Path(args.run_dir or Path(env("HOME")).expanduser() / "demo" / "runs" / run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _ensure_stack(console)
+    ensure_stack(console)
     with console.status(f"preparing the {args.model} model (first run: warm start, a few minutes)…"):
         model_dir = model.build_model(args.model)
     conn = ConnectionSettings()
@@ -207,7 +207,7 @@ def _held_out(args: argparse.Namespace) -> list[tasks.Task]:
     return tasks.eval_tasks(args.eval_tasks)
 
 
-def _ensure_stack(console: Console) -> None:
+def ensure_stack(console: Console) -> None:
     from rollstream.stack import Stack
 
     stack = Stack(report=lambda msg: console.print(f"[dim]·[/] {msg}"))
