@@ -19,7 +19,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from rollstream.errors import OtlpError
-from rollstream.producers.genai import decode_request, map_request
+from rollstream.producers.genai import MAX_ERRORS, decode_request, map_request
 from rollstream.producers.otlp import OtlpReceiver, OtlpSettings
 from rollstream.schemas.topics import Topics
 
@@ -141,6 +141,12 @@ def _map(body: bytes, content_type: str) -> None:
     # Accepted: every event must be publishable, or the receiver would answer 200 and lose it.
     _encodes(mapped.calls, TOPICS.calls)
     _encodes(mapped.rewards, TOPICS.rewards)
+    _encodes(mapped.rollouts, TOPICS.rollouts)
+    # Each refused span is counted once and the first reasons named; every event has a usable Kafka key.
+    assert mapped.rejected + mapped.held <= mapped.spans
+    assert len(mapped.errors) == min(mapped.rejected, MAX_ERRORS) and all(mapped.errors)
+    for event in (*mapped.calls, *mapped.rewards, *mapped.rollouts):
+        assert event["rollout_id"] and "/" not in event["rollout_id"] and len(event["rollout_id"]) <= 256
 
 
 @given(st.one_of(TARGETED.map(dumps), TARGETED.map(dumps), PAYLOAD.map(dumps), JSON.map(dumps), mutated(VALID_JSON),
