@@ -7,11 +7,12 @@ The loop, top to bottom:
    resume offsets, to which the consumer is seeked when its partitions are assigned.
 2. Read the policy's transitions (``read_committed``), group them by ``group_id``, drop stale ones,
    and form a batch of whole groups (``batches.py``).
-3. Compute advantages for the whole batch, then the clipped importance-corrected token loss
-   (``loss.py``) in micro-batches; clip the gradient; AdamW step.
+3. Compute advantages for the whole batch, then (``Learner.step``) the clipped importance-corrected
+   token loss (``loss.py``) in micro-batches; clip the gradient; AdamW step.
 4. Every ``checkpoint_every`` steps: write the checkpoint to S3 (meta.json last), commit the resume
    offsets to the consumer group, register the checkpoint as a new MLflow model version and move
-   the alias, and publish a PolicyUpdate (``checkpoint.py``). Each checkpoint is a new policy version.
+   the alias, and publish a PolicyUpdate (``checkpointer.py``, in that order; ``checkpoint.py`` has the
+   S3 layout, MLflow and the event). Each checkpoint is a new policy version.
    S3 and MLflow calls are retried with backoff for ``--retry-s``; the PolicyUpdate goes out only
    once meta.json is written, after every other file (without a registry version if MLflow is down).
 
@@ -48,17 +49,18 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from rollstream.devices import pick_device
-from rollstream.errors import RollstreamError, StorageError, TrainerError
+from rollstream.errors import RollstreamError
 from rollstream.events import EventProducer
 from rollstream.schemas.codec import EventCodec, registry_client
 from rollstream.schemas.topics import Topics
 from rollstream.settings import ConnectionSettings
 from rollstream.storage import ObjectStore
 from rollstream.trainer.batches import Batch, TransitionReader
-from rollstream.trainer.checkpoint import OPTIMIZER, STATE, CheckpointStore, Retry, Tracker, announce, prune, step_dir
+from rollstream.trainer.checkpoint import OPTIMIZER, STATE, CheckpointStore, Retry, Tracker
+from rollstream.trainer.checkpointer import Checkpointer
 from rollstream.trainer.config import TrainConfig, parse_config
 from rollstream.trainer.loss import LossStats, advantages, pack, policy_loss, token_logprobs
-from rollstream.trainer.model import load_policy, load_reference, local_model_dir, save_weights
+from rollstream.trainer.model import load_policy, load_reference, local_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,77 @@ def broadcast(obj: Any, world: int) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@dataclass
+class Learner:
+    """What one optimizer step needs: the policy (and its DDP wrapper), the reference, the optimizer."""
+
+    config: TrainConfig
+    model: Any  # the policy itself (a PEFT model with LoRA)
+    net: Any  # the module to call: the model, or its DistributedDataParallel wrapper
+    reference: Any | None  # a frozen copy for the KL term (None: none, or LoRA's base model)
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    device: torch.device
+    rank: int
+    world: int
+
+    def __post_init__(self) -> None:
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        self.pad_id = int(getattr(self.model.config, "pad_token_id", None) or 0)
+
+    def step(self, batch: Batch, adv: torch.Tensor) -> tuple[float, LossStats, float]:
+        """One gradient step on the batch with these advantages: (loss, its statistics, the gradient norm).
+
+        Every rank takes a disjoint shard; the loss is normalized by the whole batch's response tokens
+        and scaled by the world size, so DDP's gradient average equals the single-process gradient."""
+        config, net, world, amp = self.config, self.net, self.world, self.amp
+        samples = batch.samples
+        shard = list(range(self.rank, len(samples), world))
+        normalizer = sum(len(s.response_ids) for s in samples) / world
+        self.optimizer.zero_grad(set_to_none=True)
+        stats, loss_sum = LossStats(), 0.0
+        chunks = [shard[i: i + config.micro_batch_size] for i in range(0, len(shard), config.micro_batch_size)]
+        for i, rows in enumerate(chunks or [[]]):
+            sync = net.no_sync() if world > 1 and i < len(chunks) - 1 else nullcontext()
+            with sync:
+                if not rows:  # this rank has no rows: a zero loss keeps DDP's all-reduce in step
+                    with amp:
+                        dummy = net(input_ids=torch.full((1, 1), self.pad_id, device=self.device), use_cache=False)
+                    (dummy.logits.float().sum() * 0.0).backward()
+                    continue
+                packed = pack([samples[r].prompt_ids for r in rows], [samples[r].response_ids for r in rows],
+                              [samples[r].behaviour_logprobs for r in rows], adv[rows], self.pad_id, self.device)
+                with amp:
+                    logits = net(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                                 use_cache=False).logits
+                logp = token_logprobs(logits, packed.input_ids)
+                ref_logp = self._reference_logprobs(packed) if config.kl_coef > 0 else None
+                loss, st = policy_loss(logp, packed, config.correction, config.clip_eps, config.is_cap,
+                                       normalizer, ref_logp, config.kl_coef)
+                loss.backward()
+                stats.add(st)
+                loss_sum += float(loss.detach()) / world
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip or math.inf))
+        self.optimizer.step()
+        if world > 1:
+            packed_stats = torch.tensor([loss_sum, stats.tokens, stats.clipped, stats.truncated, stats.ratio,
+                                         stats.kl], dtype=torch.float64, device=self.device)
+            dist.all_reduce(packed_stats)
+            loss_sum, stats.tokens, stats.clipped, stats.truncated, stats.ratio, stats.kl = packed_stats.tolist()
+        return loss_sum, stats, grad_norm
+
+    def _reference_logprobs(self, packed: Any) -> torch.Tensor:
+        with torch.no_grad(), self.amp:
+            if self.reference is not None:
+                ref_logits = self.reference(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                                            use_cache=False).logits
+            else:  # LoRA: the base model is the reference
+                with self.model.disable_adapter():
+                    ref_logits = self.model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                                            use_cache=False).logits
+        return token_logprobs(ref_logits, packed.input_ids)
 
 
 def train(config: TrainConfig, connection: ConnectionSettings | None = None,
@@ -131,8 +204,7 @@ def train(config: TrainConfig, connection: ConnectionSettings | None = None,
     net: Any = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    pad_id = int(getattr(model.config, "pad_token_id", None) or 0)
+    learner = Learner(config, model, net, reference, optimizer, params, device, rank, world)
     log.info("rank %d/%d on %s: step %d, policy version %d, %s, %d trainable parameters", rank, world, device,
              step, version, f"resumed from {ckpts.uri(step)}" if meta else f"fresh from {config.model}",
              sum(p.numel() for p in params))
@@ -140,10 +212,10 @@ def train(config: TrainConfig, connection: ConnectionSettings | None = None,
     # 2. Rank 0 talks to the outside world: the stream, MLflow, the policy-update topic.
     reader: TransitionReader | None = None
     tracker: Tracker | None = None
-    producer: EventProducer | None = None
+    checkpointer: Checkpointer | None = None
     result = TrainResult(step, version, {})
-    topics = Topics.from_settings(connection)
     if rank == 0:
+        topics = Topics.from_settings(connection)
         codec = EventCodec(registry_client(connection), topics)
         offsets = {int(p): int(o) for p, o in (meta or {}).get("offsets", {}).items()}
         reader = TransitionReader(config, connection, codec, offsets,
@@ -151,60 +223,22 @@ def train(config: TrainConfig, connection: ConnectionSettings | None = None,
         if config.mlflow:
             tracker = Tracker(config, connection.mlflow_tracking_uri, (meta or {}).get("mlflow_run_id"), retry)
             result.run_id = tracker.run_id
-        if config.publish:
-            producer = EventProducer(codec, connection)
+        producer = EventProducer(codec, connection) if config.publish else None
+        checkpointer = Checkpointer(config, ckpts, reader, tracker, producer, topics, workdir, base_dir, result)
     bar = tqdm(total=config.max_steps or None, initial=step, unit="step", dynamic_ncols=True,
                disable=rank != 0 or not config.progress or not sys.stderr.isatty())
     consumed: dict[str, list[str]] = {}  # step -> transition ids, since the last checkpoint
     last_end = time.perf_counter()
     loop_started, paused = 0.0, 0.0  # the stepping phase's start, and time spent checkpointing within it
 
-    def publish(ck_step: int, ck_version: int, uri: str) -> None:
-        """Register and announce a checkpoint that is on S3 in full (its meta.json, written last, is there)."""
-        started = time.perf_counter()
-        mv = None
-        if tracker is not None:
-            try:
-                mv = tracker.register(uri, ck_step, ck_version)
-            except TrainerError as exc:  # serving needs the weights, not the registry: announce them anyway
-                log.error("%s; announcing %s without a registry version", exc, uri)
-        if producer is not None:
-            result.events.append(announce(producer, topics, config, ck_version, ck_step, uri, mv, config.model))
-        result.timings.setdefault("publish_s", []).append(time.perf_counter() - started)
-
     def checkpoint() -> None:
+        """Rank 0 writes and announces a checkpoint; every other rank only counts the new version."""
         nonlocal version, consumed, paused
-        assert reader is not None
         started = time.perf_counter()
-        local = workdir / step_dir(step)
-        shutil.rmtree(local, ignore_errors=True)
-        files = save_weights(model, local, base_dir)
-        torch.save(optimizer.state_dict(), local / OPTIMIZER)
-        resume, above, seen = reader.checkpoint_state()
-        dropped = dict(reader.dropped)
-        (local / STATE).write_text(json.dumps({"consumed": consumed, "dropped": dropped, "seen": seen,
-                                               "baseline": baseline, "counts": dict(reader.counts)}))
-        meta = {"format": 1, "policy": config.policy, "step": step, "policy_version": version + 1,
-                "kind": "ADAPTER" if config.lora_rank else "FULL", "base_model": config.model,
-                "topic": reader.topic, "offsets": {str(p): o for p, o in sorted(resume.items())},
-                "trained_above": above, "mlflow_run_id": result.run_id, "created_at": time.time(),
-                "files": sorted(files + [OPTIMIZER, STATE]), "config": config.to_params()}
-        uri = ckpts.upload(local, step, meta)
-        result.timings.setdefault("checkpoint_s", []).append(time.perf_counter() - started)
-        for tid in dropped:
-            reader.dropped.pop(tid, None)
-        reader.commit(resume)  # only after the checkpoint that holds these offsets is on S3
+        if checkpointer is not None:
+            checkpointer.save(step, version + 1, model, optimizer, consumed, baseline)
         version += 1
-        publish(step, version, uri)
-        shutil.rmtree(local, ignore_errors=True)
-        result.checkpoints.append(uri)
-        if config.keep_checkpoints:
-            try:  # a failed clean-up costs disk, not training: the next checkpoint tries again
-                result.pruned += prune(ckpts, tracker, config.keep_checkpoints)
-            except (StorageError, TrainerError) as exc:
-                log.warning("could not delete old checkpoints: %s", exc)
         consumed = {}
-        log.info("checkpoint %s: policy version %d, resume offsets %s", uri, version, resume)
         paused += time.perf_counter() - started
 
     def next_batch() -> tuple[Batch | None, bool]:
@@ -226,8 +260,8 @@ def train(config: TrainConfig, connection: ConnectionSettings | None = None,
 
     # 3. The step loop.
     try:
-        if rank == 0 and meta:  # a crash may have come between upload and registry/event: redo them (idempotent)
-            publish(meta["step"], meta["policy_version"], ckpts.uri(meta["step"]))
+        if checkpointer is not None and meta:  # a crash may have come between upload and announcement: redo it
+            checkpointer.publish(meta["step"], meta["policy_version"], ckpts.uri(meta["step"]))
         while not (config.max_steps and step >= config.max_steps):
             batch, finished = broadcast(next_batch() if rank == 0 else None, world)
             if finished:
@@ -244,53 +278,10 @@ def train(config: TrainConfig, connection: ConnectionSettings | None = None,
                 mean = sum(returns) / len(returns)
                 baseline = mean if baseline is None else config.baseline_decay * baseline + (
                     1 - config.baseline_decay) * mean
-            # Every rank takes a disjoint shard; the loss is normalized by the whole batch's response tokens
-            # and scaled by the world size, so DDP's gradient average equals the single-process gradient.
-            shard = list(range(rank, len(samples), world))
-            normalizer = sum(len(s.response_ids) for s in samples) / world
-            optimizer.zero_grad(set_to_none=True)
-            stats, loss_sum = LossStats(), 0.0
-            chunks = [shard[i: i + config.micro_batch_size] for i in range(0, len(shard), config.micro_batch_size)]
-            for i, rows in enumerate(chunks or [[]]):
-                sync = net.no_sync() if world > 1 and i < len(chunks) - 1 else nullcontext()
-                with sync:
-                    if not rows:  # this rank has no rows: a zero loss keeps DDP's all-reduce in step
-                        with amp:
-                            dummy = net(input_ids=torch.full((1, 1), pad_id, device=device), use_cache=False)
-                        (dummy.logits.float().sum() * 0.0).backward()
-                        continue
-                    packed = pack([samples[r].prompt_ids for r in rows], [samples[r].response_ids for r in rows],
-                                  [samples[r].behaviour_logprobs for r in rows], adv[rows], pad_id, device)
-                    with amp:
-                        logits = net(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                                     use_cache=False).logits
-                    logp = token_logprobs(logits, packed.input_ids)
-                    ref_logp = None
-                    if config.kl_coef > 0:
-                        with torch.no_grad(), amp:
-                            if reference is not None:
-                                ref_logits = reference(input_ids=packed.input_ids,
-                                                       attention_mask=packed.attention_mask, use_cache=False).logits
-                            else:  # LoRA: the base model is the reference
-                                with model.disable_adapter():
-                                    ref_logits = model(input_ids=packed.input_ids,
-                                                       attention_mask=packed.attention_mask, use_cache=False).logits
-                        ref_logp = token_logprobs(ref_logits, packed.input_ids)
-                    loss, st = policy_loss(logp, packed, config.correction, config.clip_eps, config.is_cap,
-                                           normalizer, ref_logp, config.kl_coef)
-                    loss.backward()
-                    stats.add(st)
-                    loss_sum += float(loss.detach()) / world
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf))
-            optimizer.step()
-            if world > 1:
-                packed_stats = torch.tensor([loss_sum, stats.tokens, stats.clipped, stats.truncated, stats.ratio,
-                                             stats.kl], dtype=torch.float64, device=device)
-                dist.all_reduce(packed_stats)
-                loss_sum, stats.tokens, stats.clipped, stats.truncated, stats.ratio, stats.kl = packed_stats.tolist()
+            loss_sum, stats, grad_norm = learner.step(batch, adv)
             consumed[str(step)] = [s.transition_id for s in samples]
             now = time.perf_counter()
-            if rank == 0 and reader is not None:
+            if reader is not None:
                 reader.counts["no_behaviour_logprobs"] += sum(1 for s in samples if s.behaviour_logprobs is None)
                 reader.counts["token_source_tokenizer"] += sum(1 for s in samples if s.token_source == "tokenizer")
                 lags = [max(0, version - s.policy_version) for s in samples]
@@ -321,20 +312,14 @@ def train(config: TrainConfig, connection: ConnectionSettings | None = None,
                                 lag=int(metrics.get("consumer_lag", 0)))
                 result.timings.setdefault("step_s", []).append(now - started)
                 result.timings.setdefault("step_tokens", []).append(float(batch.tokens))
-                if step % config.checkpoint_every == 0:
-                    checkpoint()
-            elif step % config.checkpoint_every == 0:
-                version += 1
-                consumed = {}
+            if step % config.checkpoint_every == 0:
+                checkpoint()
             last_end = time.perf_counter()
             result.timings.setdefault("step_end", []).append(last_end)
         if loop_started:  # first step to last, checkpoints excluded: the bench's streaming throughput
             result.timings["loop_s"] = [last_end - loop_started - paused]
         if consumed:  # steps since the last checkpoint: keep them
-            if rank == 0:
-                checkpoint()
-            else:
-                version += 1
+            checkpoint()
         if tracker is not None:
             tracker.end()
     except BaseException:
