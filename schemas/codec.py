@@ -33,9 +33,14 @@ BAD_BODY_ERRORS = (ValueError, EOFError, IndexError, TypeError, KeyError, Overfl
                    SchemaResolutionError)
 
 
+REGISTRY_TIMEOUT_S = 10  # seconds a schema registry request may take
+
+
 def registry_client(settings: ConnectionSettings | None = None) -> SchemaRegistryClient:
     settings = settings or ConnectionSettings()
-    return SchemaRegistryClient({"url": settings.schema_registry_url})
+    # The client's default is no timeout: one request that a restarting registry accepted and never answered
+    # would block its caller for good. Timed out, it is retried (max.retries) on a new connection.
+    return SchemaRegistryClient({"url": settings.schema_registry_url, "timeout": REGISTRY_TIMEOUT_S})
 
 
 def subject(topic: str) -> str:
