@@ -68,14 +68,18 @@ class ServerProcess:
         self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                         start_new_session=self.new_session)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServeError(f"{self.label} exited with {self.process.returncode}: {self.log_tail()}")
-            try:
-                self.ready()
-                return self
-            except (urllib.error.URLError, OSError, ValueError):
-                time.sleep(0.2)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise ServeError(f"{self.label} exited with {self.process.returncode}: {self.log_tail()}")
+                try:
+                    self.ready()
+                    return self
+                except (urllib.error.URLError, OSError, ValueError):
+                    time.sleep(0.2)
+        except BaseException:  # interrupted (SIGTERM, Ctrl-C) while it starts: it must not outlive us
+            self.stop()
+            raise
         self.stop()
         raise ServeError(f"{self.label} did not answer {self.ready_path} within {timeout:.0f}s: {self.log_tail()}")
 

@@ -30,7 +30,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -344,9 +346,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_TERMINATED: list[int] = []
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    _TERMINATED.append(signum)
+    raise SystemExit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM must end in the finally blocks that stop vLLM (its own process group, which would outlive us):
+    # uvicorn shuts down on it and then raises it again, which with the default handler ends the process at once.
+    signal.signal(signal.SIGTERM, _terminate)
     connection = ConnectionSettings()
     if args.topic_prefix is not None:
         connection = dataclasses.replace(connection, topic_prefix=args.topic_prefix)
@@ -396,6 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             vllm.stop()
         if args.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
+        if _TERMINATED:  # stopped and cleaned up: skip the interpreter's teardown, which can spin in native code
+            logging.shutdown()
+            os._exit(0)
     return 0
 
 
