@@ -12,11 +12,18 @@ one terminal reward: 7 events). Then:
 3. latency: with the worker caught up, rollouts are published at a steady rate; the
    latency of a rollout is from the produce call of its terminal reward to its first
    transition being readable with read_committed (p50, p99);
-4. where the time goes: the processor's own per-event work (decode, join, credit, encode)
-   timed in this process with cProfile, the rest being Faust, aiokafka and transactions.
+4. the peer: the same join written with quix-streams (exactly-once, RocksDB state with its
+   changelog) on the same backlog (bench/quix_peer.py, in its own environment:
+   ``bash scripts/setup-bench.sh``);
+5. restart: a worker holding many open rollouts (STARTED and one call each) is killed with
+   SIGKILL and started again on its state folder (the local store is caught up from the
+   changelog) and on an empty one (the whole changelog read, as every start did before the
+   store kept only committed writes); the time until it processes records again;
+6. where the time goes: the processor's own per-event work (decode, join, credit, encode)
+   timed in this process with cProfile, the rest being Kafka clients and transactions.
 
-    .venv/bin/python bench/pipeline.py            # 3,000 rollouts
-    .venv/bin/python bench/pipeline.py --quick    # under a minute (needs `rollstream stack up`)
+    .venv/bin/python bench/pipeline.py            # 10,000 rollouts, restart with 100,000 open
+    .venv/bin/python bench/pipeline.py --quick    # under two minutes (needs `rollstream stack up`)
 
 The last line printed is one JSON object with every figure.
 """
@@ -194,22 +201,129 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class Worker:
+    """``rollstream process`` as a subprocess on a given state folder."""
+
+    def __init__(self, topics: Topics, app_id: str, data_dir: Path, guarantee: str) -> None:
+        self.topics, self.app_id, self.data_dir, self.guarantee = topics, app_id, data_dir, guarantee
+        self.log_path = data_dir.with_suffix(".log")
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Worker:
+        env = {**os.environ, "ROLLSTREAM_PROCESS_GUARANTEE": self.guarantee, "ROLLSTREAM_PROCESS_LOG_INTERVAL": "10"}
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("rollstream")), "process", "--topic-prefix", self.topics.prefix,
+             "--partitions", str(self.topics.partitions), "--app-id", self.app_id, "--data-dir", str(self.data_dir),
+             "--web-port", str(self.port)],
+            stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, env=env,
+        )
+        return self
+
+    def stats(self) -> dict[str, Any]:
+        import httpx
+
+        try:
+            return dict(httpx.get(f"http://127.0.0.1:{self.port}/stats", timeout=5).json())
+        except Exception:  # not up yet
+            return {}
+
+    def wait(self, pred: Any, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.stats()
+            if got and pred(got):
+                return got
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"the worker exited; see {self.log_path}")
+            time.sleep(0.1)
+        raise RuntimeError(f"the worker did not get there in {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(60)
+
+
+def new_topics(partitions: int, tag: str) -> Topics:
+    settings = ConnectionSettings()
+    topics = Topics(prefix=f"bench-{tag}-{uuid.uuid4().hex[:8]}.", partitions=partitions)
+    create_topics(topics, settings)
+    register_schemas(registry_client(settings), topics)
+    return topics
+
+
+def peer(settings: ConnectionSettings, topics: Topics, rollouts: int) -> dict[str, Any]:
+    """The same join with quix-streams, on the backlog already in ``topics`` (its own environment)."""
+    python = Path.home() / ".cache" / "rollstream" / "bench-quix" / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"the quix-streams peer is not installed ({python}): run 'bash scripts/setup-bench.sh', "
+                         "or pass --no-peer")
+    out = topics.prefix + "quix-transitions"
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin.create_topics([NewTopic(out, num_partitions=topics.partitions, replication_factor=1)])[out].result()
+    run = subprocess.run(
+        [str(python), str(ROOT / "bench" / "quix_peer.py"), "--bootstrap", settings.kafka_bootstrap,
+         "--registry-url", settings.schema_registry_url, "--prefix", topics.prefix, "--out-topic", out,
+         "--rollouts", str(rollouts), "--timeout", "900"],
+        capture_output=True, text=True, timeout=1000, env={**os.environ, "QUIX_STATE_DIR": str(
+            Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-quix-{uuid.uuid4().hex[:6]}")},
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    if run.returncode != 0 or not lines:
+        raise RuntimeError(f"quix-streams peer failed ({run.returncode}): {run.stderr[-2000:]}")
+    return dict(json.loads(lines[-1]))
+
+
+def restart(settings: ConnectionSettings, codec_for: Any, partitions: int, n_open: int,
+            guarantee: str) -> dict[str, Any]:
+    """Seconds until a killed worker holding ``n_open`` open rollouts processes again: in place, and from empty."""
+    topics = new_topics(partitions, "restart")
+    codec = codec_for(topics)
+    rng = random.Random(2)
+    events = []
+    for i in range(n_open):
+        first_two = rollout_events(codec, topics, f"open-{i}", rng)[:2]  # STARTED and one call: open
+        events.extend(first_two)
+    publish(settings, events)
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-restart-{uuid.uuid4().hex[:6]}"
+    app_id = f"bench-r-{uuid.uuid4().hex[:6]}"
+    worker = Worker(topics, app_id, tmp, guarantee).start()
+    t0 = time.monotonic()
+    worker.wait(lambda s: s.get("events", 0) >= len(events) and s.get("open_rollouts") == n_open, timeout=1800)
+    fill_s = time.monotonic() - t0
+    worker.stop(signal.SIGKILL)
+    out: dict[str, Any] = {"open_rollouts": n_open, "fill_seconds": round(fill_s, 1)}
+    for name, data_dir in (("in_place", tmp), ("empty_folder", tmp.with_name(tmp.name + "-fresh"))):
+        worker = Worker(topics, app_id, data_dir, guarantee)
+        t0 = time.monotonic()
+        worker.start()
+        got = worker.wait(lambda s: s.get("ready"), timeout=1800)
+        out[f"restart_{name}_seconds"] = round(time.monotonic() - t0, 2)
+        out[f"restore_{name}_seconds"] = got.get("restore_seconds")
+        worker.wait(lambda s: s.get("open_rollouts") == n_open, timeout=120)  # nothing lost on the way
+        worker.stop(signal.SIGKILL)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small run, under a minute")
-    ap.add_argument("--rollouts", type=int, default=3000, help="rollouts in the throughput backlog")
-    ap.add_argument("--latency-rate", type=float, default=100.0, help="rollouts/s in the latency phase")
+    ap.add_argument("--quick", action="store_true", help="small run, under two minutes")
+    ap.add_argument("--rollouts", type=int, default=10000, help="rollouts in the throughput backlog")
+    ap.add_argument("--open-rollouts", type=int, default=100000, help="open rollouts held when restarting")
+    ap.add_argument("--no-peer", action="store_true", help="skip the quix-streams peer")
+    ap.add_argument("--latency-rate", type=float, default=300.0, help="rollouts/s in the latency phase")
     ap.add_argument("--latency-seconds", type=float, default=15.0)
     ap.add_argument("--partitions", type=int, default=3)
     ap.add_argument("--guarantee", default="exactly_once", choices=["exactly_once", "at_least_once"])
     args = ap.parse_args(argv)
     if args.quick:
-        args.rollouts, args.latency_seconds, args.latency_rate = 400, 5.0, 50.0
+        args.rollouts, args.latency_seconds, args.open_rollouts = 2000, 5.0, 5000
 
     settings = ConnectionSettings()
-    topics = Topics(prefix=f"bench-pipe-{uuid.uuid4().hex[:8]}.", partitions=args.partitions)
-    create_topics(topics, settings)
-    register_schemas(registry_client(settings), topics)
+    topics = new_topics(args.partitions, "pipe")
     codec = EventCodec(registry_client(settings), topics)
     rng = random.Random(1)
     n_lat = int(args.latency_rate * args.latency_seconds)
@@ -231,16 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     reader = Reader(settings, topics.transitions)
     reader.start()
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-pipeline-{uuid.uuid4().hex[:6]}"
-    log_path = tmp.with_suffix(".log")
-    env = {**os.environ, "ROLLSTREAM_PROCESS_GUARANTEE": args.guarantee, "ROLLSTREAM_PROCESS_LOG_INTERVAL": "10"}
-    worker = subprocess.Popen(
-        [str(Path(sys.executable).with_name("rollstream")), "process", "--topic-prefix", topics.prefix,
-         "--partitions", str(args.partitions), "--app-id", f"bench-{uuid.uuid4().hex[:6]}", "--data-dir", str(tmp),
-         "--web-port", str(free_port())],
-        stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env,
-    )
+    worker = Worker(topics, f"bench-{uuid.uuid4().hex[:6]}", tmp, args.guarantee).start()
     try:
-        ok = reader.wait(args.rollouts * CALLS, timeout=600)
+        ok = reader.wait(args.rollouts * CALLS, timeout=900)
         join_s = max(reader.last - reader.first, 1e-9)
         rollouts_s = args.rollouts / join_s if ok else 0.0
 
@@ -251,27 +358,39 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)
         lat = sorted(reader.first_seen[k] - t for k, t in sent.items() if k in reader.first_seen)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(60)
+        worker.stop()
         reader.stop = True
     p50 = statistics.median(lat) if lat else float("nan")
     p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan")
 
-    # 4. the processor's own work per event
+    # 4. the peer on the same backlog
+    quix = None if args.no_peer else peer(settings, topics, args.rollouts)
+
+    # 5. restart with many open rollouts
+    restarted = restart(settings, lambda t: EventCodec(registry_client(settings), t), args.partitions,
+                        args.open_rollouts, args.guarantee)
+
+    # 6. the processor's own work per event
     prof = profile_processor(codec, topics, backlog[: 7 * 300])
 
     events_per_rollout = 2 + CALLS + 1
     events_s = rollouts_s * events_per_rollout
+    quix_rps = quix["rollouts_per_s"] if quix else None
     result = {
         "rollouts": args.rollouts, "events": len(backlog), "backlog_mb": round(mb, 1), "guarantee": args.guarantee,
         "partitions": args.partitions, "join_rollouts_per_s": round(rollouts_s, 1),
         "join_events_per_s": round(events_s, 1), "ceiling_events_per_s": round(ceiling_eps, 1),
         "ratio_join_to_ceiling": round(events_s / ceiling_eps, 3) if ceiling_eps else None,
+        "quix_rollouts_per_s": quix_rps,
+        "ratio_join_to_quix": round(rollouts_s / quix_rps, 2) if quix_rps else None,
         "latency_rate_rollouts_per_s": args.latency_rate, "latency_samples": len(lat),
         "latency_missing": n_lat - len(lat), "latency_p50_ms": round(p50 * 1000, 1),
-        "latency_p99_ms": round(p99 * 1000, 1), "processor_cpu_us_per_event": round(prof["us_per_event"], 1),
+        "latency_p99_ms": round(p99 * 1000, 1), **restarted,
+        "restart_ratio_empty_to_in_place": round(restarted["restart_empty_folder_seconds"]
+                                                 / max(restarted["restart_in_place_seconds"], 1e-9), 2),
+        "processor_cpu_us_per_event": round(prof["us_per_event"], 1),
         "processor_cpu_ceiling_events_per_s": round(1e6 / prof["us_per_event"], 1),
-        "target_met": rollouts_s >= 500 and p99 < 1.0,
+        "target_met": rollouts_s >= 1000 and p99 < 0.25,
     }
     print(f"{'measure':40s} value")
     for k, v in result.items():
@@ -279,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     print("processor hot spots (cProfile, tottime):")
     for line in prof["top"]:
         print("   " + line)
-    print(f"worker log: {log_path}")
+    print(f"worker log: {worker.log_path}")
     print(json.dumps(result))
     return 0
 

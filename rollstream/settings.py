@@ -82,10 +82,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
     # --- stream processor (rollstream process) ---
     "PROCESS_APP_ID": ("", "Faust app id of the stream processor: its consumer group and changelog "
                            "(default: <topic prefix>processor)."),
-    "PROCESS_DATA_DIR": ("", "Local state (RocksDB) of the stream processor "
+    "PROCESS_DATA_DIR": ("", "Local state (SQLite, committed writes only) of the stream processor "
                              "(default: $ROLLSTREAM_HOME/processor/<app id>)."),
     "PROCESS_GUARANTEE": ("exactly_once", "Processing guarantee: exactly_once (Kafka transactions) or at_least_once."),
-    "PROCESS_COMMIT_INTERVAL": ("0.25", "Seconds between commits (transactions); bounds reward-to-transition latency."),
+    "PROCESS_COMMIT_INTERVAL": ("0.05", "Longest a batch waits to fill (seconds) before it is processed and committed "
+                                        "in one transaction per partition; bounds reward-to-transition latency."),
     "PROCESS_COMPLETION": (
         "finished",
         "When a rollout completes: finished (terminal reward and a final lifecycle event) or terminal_reward.",

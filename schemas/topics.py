@@ -44,6 +44,9 @@ class Topics:
 
     prefix: str = "rollstream."
     partitions: int = 3
+    # Prefix of the stream processor's outputs (transitions, dead letters, late events) when they go elsewhere
+    # than the inputs: a replay writes them under a prefix of its own. Empty: ``prefix``.
+    outputs: str = ""
 
     @classmethod
     def from_settings(cls, settings: ConnectionSettings | None = None) -> Topics:
@@ -64,7 +67,7 @@ class Topics:
 
     @property
     def transitions(self) -> str:
-        return self.prefix + "transitions"
+        return (self.outputs or self.prefix) + "transitions"
 
     @property
     def policy_updates(self) -> str:
@@ -72,11 +75,11 @@ class Topics:
 
     @property
     def dead_letters(self) -> str:
-        return self.prefix + "dead-letters"
+        return (self.outputs or self.prefix) + "dead-letters"
 
     @property
     def late_events(self) -> str:
-        return self.prefix + "late-events"
+        return (self.outputs or self.prefix) + "late-events"
 
     @property
     def calls_by_response(self) -> str:

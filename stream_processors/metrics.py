@@ -9,8 +9,7 @@ from typing import Any
 
 COUNTERS = (
     "events", "completed", "expired_dropped", "expired_filled", "late", "duplicates", "dead_letters",
-    "transitions", "ignored_rewards", "gaps_repaired", "gap_records",
-    "unreadable_batches", "unreadable_records", "tokenized_calls",
+    "transitions", "ignored_rewards", "tokenized_calls", "assignments",
 )
 
 
@@ -20,7 +19,10 @@ class Metrics:
 
     counts: Counter[str] = field(default_factory=Counter)
     dead_letter_types: Counter[str] = field(default_factory=Counter)
-    open_first_seen: dict[str, float] = field(default_factory=dict)  # rollout id -> first seen (open only)
+    open_count: int = 0  # open rollouts in this worker's partitions, as of the last timer tick
+    oldest_open: float | None = None  # when the oldest of them was first seen
+    ready: bool = False  # the first assignment is restored: records are being processed
+    restore_seconds: float = 0.0  # how long the last assignment took to restore the local state
 
     def inc(self, name: str, n: int = 1) -> None:
         self.counts[name] += n
@@ -29,19 +31,24 @@ class Metrics:
         self.counts["dead_letters"] += 1
         self.dead_letter_types[error_type] += 1
 
+    def set_open(self, count: int, oldest: float | None) -> None:
+        self.open_count, self.oldest_open = count, oldest
+
     def open_rollouts(self) -> int:
-        return len(self.open_first_seen)
+        return self.open_count
 
     def oldest_open_age(self, now: float | None = None) -> float:
-        if not self.open_first_seen:
+        if self.oldest_open is None:
             return 0.0
-        return max(0.0, (now or time.time()) - min(self.open_first_seen.values()))
+        return max(0.0, (now or time.time()) - self.oldest_open)
 
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: self.counts[name] for name in COUNTERS}
         out["dead_letters_by_type"] = dict(self.dead_letter_types)
         out["open_rollouts"] = self.open_rollouts()
         out["oldest_open_age_seconds"] = round(self.oldest_open_age(), 3)
+        out["ready"] = self.ready
+        out["restore_seconds"] = round(self.restore_seconds, 3)
         return out
 
     def prometheus(self) -> str:

@@ -1,9 +1,9 @@
-"""What the processor does with one input record or timer check, independent of Faust.
+"""What the processor does with one input record or timer check, independent of Kafka.
 
 :class:`Processor` takes a raw record and the rollout's stored state and returns a
 :class:`Decision`: the state to store (or delete) and the records to produce
-(transitions, a dead letter, a late-event copy). The Faust worker does the I/O, inside
-the Kafka transaction of the input's partition.
+(transitions, a dead letter, a late-event copy). The engine does the I/O, inside
+the Kafka transaction of the input's partition (engine.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from rollstream.stream_processors.dead_letters import InputDecoder, dead_letter
 from rollstream.stream_processors.join import Outcome, RolloutState
 from rollstream.stream_processors.metrics import Metrics
 from rollstream.stream_processors.retokenize import CallTokenizer, load_tokenizer
+from rollstream.stream_processors.store import Row
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Decision:
     tracks: bool = True
     # Pieces of the state stored under keys of their own (piece id -> value; None: delete), see piece_key.
     pieces: list[tuple[str, bytes | None]] = field(default_factory=list)
+    open_since: float | None = None  # with a stored state: when the rollout was first seen, while it is open
 
 
 Load = Callable[[str], bytes | None]  # a stored piece of the rollout's state by its id, or None
@@ -92,11 +94,13 @@ class Processor:
         s = self.settings
         return state.deadline(s.expire_after, s.expire_from, s.closed_ttl)
 
-    def _track(self, state: RolloutState) -> None:
-        if state.closed:
-            self.metrics.open_first_seen.pop(state.rollout_id, None)
-        else:
-            self.metrics.open_first_seen[state.rollout_id] = state.first_seen
+    def index_row(self, key: bytes, value: bytes | None) -> Row:
+        """A changelog record as the local store keeps it, with the index columns the worker asks about."""
+        if value is None or key.startswith(PIECE):
+            return Row(value)
+        state = RolloutState.loads(value)
+        pending = state.max_ts if state.is_complete(self.settings.completion) else None
+        return Row(value, self._deadline(state), pending, None if state.closed else state.first_seen)
 
     def handle(
         self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
@@ -143,15 +147,14 @@ class Processor:
 
     def _keep(self, state: RolloutState, pending_ts: float | None = None) -> Decision:
         """Store the open state, and the pieces added to it."""
-        self._track(state)
         pieces: list[tuple[str, bytes | None]] = list(state.new_pieces.items())
-        return Decision(state.dumps(), [], self._deadline(state), pending_ts=pending_ts, pieces=pieces)
+        return Decision(state.dumps(), [], self._deadline(state), pending_ts=pending_ts, pieces=pieces,
+                        open_since=state.first_seen)
 
     def _close(self, state: RolloutState, how: str, now: float, outputs: list[Output]) -> Decision:
         """Replace the state by its closed marker, deleting the pieces stored for it."""
         stored: list[tuple[str, bytes | None]] = [(pid, None) for pid in state.pieces() if pid not in state.new_pieces]
         closed = join.close(state, how, now)
-        self._track(closed)
         return Decision(closed.dumps(), outputs, self._deadline(closed), pieces=stored)
 
     def _complete(self, state: RolloutState, now: float, load: Load) -> Decision:
@@ -176,7 +179,6 @@ class Processor:
             return Decision(deadline=self._deadline(state), pending_ts=state.max_ts)
         if state.closed:
             if now >= self._deadline(state):
-                self.metrics.open_first_seen.pop(state.rollout_id, None)
                 return Decision(state=None, deadline=None)
             return Decision(deadline=self._deadline(state))
         if not join.is_expired(state, now, s.expire_after, s.expire_from):

@@ -25,8 +25,11 @@ def worker_factory(settings: ConnectionSettings, topics: Topics, tmp_path: Path)
     started: list[WorkerProcess] = []
     app_id = f"proc-{uuid.uuid4().hex[:8]}"
 
-    def make(env: dict[str, str] | None = None, start: bool = True, tps: Topics | None = None) -> WorkerProcess:
-        w = WorkerProcess(tps or topics, settings, tmp_path, app_id, env, index=len(started))
+    def make(env: dict[str, str] | None = None, start: bool = True, tps: Topics | None = None,
+             index: int | None = None) -> WorkerProcess:
+        """A worker; ``index`` names its state folder (default: a new one), so a restart can reuse it."""
+        at = len(started) if index is None else index
+        w = WorkerProcess(tps or topics, settings, tmp_path, app_id, env, index=at)
         started.append(w)
         return w.start() if start else w
 

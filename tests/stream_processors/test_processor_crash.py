@@ -77,19 +77,37 @@ def check(pipe: Pipe, n: int, prefix: str, timeout: float) -> None:
 def test_kill_dash_nine_three_times_loses_and_duplicates_nothing(
     pipe: Pipe, worker_factory: Callable[..., Any]
 ) -> None:
+    """Killed at a random moment after it has its partitions, three times; restarted in place (its state folder
+    kept: the local store is caught up from the changelog) except once, on a fresh folder (restored in full)."""
     n = int(os.environ.get("ROLLSTREAM_TEST_CRASH_ROLLOUTS", "5000"))
-    rate = 400.0
-    worker = worker_factory(ENV)
+    rate = 150.0  # the stream outlasts the three kills
+    worker = worker_factory(ENV, index=0)
     producer = threading.Thread(target=stream, args=(pipe, n, "ro-", rate), daemon=True)
     producer.start()
     rng = random.Random()
-    for _ in range(3):
-        worker.wait_stats(lambda s: s["completed"] > 0, timeout=120)  # killed while it works, not while it starts
+    for index in (0, 1, 1):
+        worker.wait_stats(lambda s: s["ready"], timeout=120)  # killed while it works, not while it starts
         time.sleep(rng.uniform(0.2, 3.0))
         worker.kill()
-        worker = worker_factory(ENV)
+        worker = worker_factory(ENV, index=index)
     producer.join()
     check(pipe, n, "ro-", timeout=120 + n / 20)
+    worker.wait_stats(lambda s: s["open_rollouts"] == 0, timeout=60)
+
+
+def test_eight_kills_three_to_five_seconds_apart(pipe: Pipe, worker_factory: Callable[..., Any]) -> None:
+    """kill -9 every 3-5 s whatever the worker is doing (starting, restoring, mid-transaction), eight times."""
+    n = int(os.environ.get("ROLLSTREAM_TEST_CRASH_ROLLOUTS", "5000"))
+    worker = worker_factory(ENV, index=0)
+    producer = threading.Thread(target=stream, args=(pipe, n, "k8-", 150.0), daemon=True)
+    producer.start()
+    rng = random.Random()
+    for kill in range(8):
+        time.sleep(rng.uniform(3.0, 5.0))
+        worker.kill()
+        worker = worker_factory(ENV, index=kill % 3)  # mostly in place, sometimes on another folder
+    producer.join()
+    check(pipe, n, "k8-", timeout=120 + n / 20)
     worker.wait_stats(lambda s: s["open_rollouts"] == 0, timeout=60)
 
 

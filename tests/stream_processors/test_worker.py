@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import struct
 import subprocess
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -176,58 +175,6 @@ def test_refuses_topics_that_are_not_copartitioned(settings: ConnectionSettings,
                           "--data-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 2
     assert f"recreate '{topics.transitions}' with 3" in out.stderr + out.stdout
-
-
-def test_records_skipped_by_committed_offsets_are_processed_from_the_ledger(
-    settings: ConnectionSettings, topics_factory: Callable[..., Topics], tmp_path: Any,
-    worker_factory: Callable[..., Any],
-) -> None:
-    """The worker's input ledger, not Faust's committed offsets, says what was processed.
-
-    faust-streaming can commit an input offset past records its agent never handled. Here that is
-    made to happen on purpose: with the worker stopped, the app's consumer group is moved past a
-    second batch of rollouts. Started again, the worker finds its ledger behind the committed
-    offsets, reads the skipped range itself and emits every transition.
-    """
-    from confluent_kafka import Consumer, TopicPartition
-
-    from rollstream.schemas.topics import consumer_config
-
-    tps = topics_factory(partitions=1)
-    pipe = Pipe(settings, tps, EventCodec(registry_client(settings), tps))
-
-    def rollouts(prefix: str, n: int) -> None:
-        for i in range(n):
-            rid = f"{prefix}{i}"
-            pipe.rollout(lifecycle(rid, "STARTED"))
-            pipe.call(call(rid, 0))
-            pipe.rollout(lifecycle(rid, "SUCCEEDED"))
-            pipe.reward(reward(rid, 1.0))
-        pipe.flush()
-
-    worker = worker_factory(tps=tps)
-    rollouts("before-", 3)
-    worker.wait_stats(lambda s: s["completed"] == 3)
-    time.sleep(1.0)  # a commit (and the ledger with it) after the last event
-    worker.stop()
-    rollouts("skipped-", 4)
-    # Commit the app's offsets at the end of every input, as if the worker had processed the second batch.
-    group = Consumer(consumer_config(worker.app_id, settings))
-    try:
-        ends = []
-        for topic in (tps.calls, tps.rewards, tps.rollouts):
-            _, high = group.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
-            ends.append(TopicPartition(topic, 0, high))
-        group.commit(offsets=ends, asynchronous=False)
-    finally:
-        group.close()
-
-    worker = worker_factory(tps=tps)
-    got = pipe.transitions(7, timeout=120, settle=3.0)
-    want = [f"before-{i}" for i in range(3)] + [f"skipped-{i}" for i in range(4)]
-    assert sorted(t["rollout_id"] for t in got) == want
-    stats = worker.wait_stats(lambda s: s["gaps_repaired"] >= 1)
-    assert stats["gap_records"] == 16 and stats["completed"] == 4, stats
 
 
 def test_a_repeat_does_not_drop_a_waiting_completion(settings: ConnectionSettings, topics: Topics,
