@@ -109,7 +109,10 @@ class InputDecoder:
                 "call's text (or ROLLSTREAM_PROCESS_REQUIRE_TOKEN_IDS=0 to let it through without ids)",
             )
         logprobs = record.get("response_logprobs")
-        if logprobs is not None and not all(math.isfinite(x) or x == -math.inf for x in logprobs):
+        # One C-speed sum first: NaN, or +inf beside -inf, make it NaN; +inf alone makes it +inf.
+        total = sum(logprobs) if logprobs is not None else 0.0
+        if logprobs is not None and not (math.isfinite(total) or total == -math.inf) and not all(
+                math.isfinite(x) or x == -math.inf for x in logprobs):
             raise BadInputError("invalid_value", f"call {record['call_id']!r} has NaN logprobs")
 
 

@@ -68,9 +68,11 @@ class CallEntry:
 
 def pack_tokens(prompt: list[int], response: list[int], logprobs: list[float] | None) -> bytes:
     """A call's token ids and logprobs as one compact piece (4 bytes a token id where they fit)."""
-    code = "I" if all(0 <= t < 2**32 for t in prompt) and all(0 <= t < 2**32 for t in response) else "q"
+    try:
+        code, body = "I", array("I", prompt).tobytes() + array("I", response).tobytes()
+    except OverflowError:  # an id outside 32 bits unsigned
+        code, body = "q", array("q", prompt).tobytes() + array("q", response).tobytes()
     head = struct.pack("<cIIi", code.encode(), len(prompt), len(response), -1 if logprobs is None else len(logprobs))
-    body = array(code, prompt).tobytes() + array(code, response).tobytes()
     return head + body + (array("d", logprobs).tobytes() if logprobs is not None else b"")
 
 
