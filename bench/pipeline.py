@@ -268,8 +268,7 @@ def peer(settings: ConnectionSettings, topics: Topics, rollouts: int) -> dict[st
         [str(python), str(ROOT / "bench" / "quix_peer.py"), "--bootstrap", settings.kafka_bootstrap,
          "--registry-url", settings.schema_registry_url, "--prefix", topics.prefix, "--out-topic", out,
          "--rollouts", str(rollouts), "--timeout", "900"],
-        capture_output=True, text=True, timeout=1000, env={**os.environ, "QUIX_STATE_DIR": str(
-            Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-quix-{uuid.uuid4().hex[:6]}")},
+        capture_output=True, text=True, timeout=1000,
     )
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     if run.returncode != 0 or not lines:
