@@ -80,7 +80,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "gen_ai.response.id (0: off).",
     ),
     # --- stream processor (rollstream process) ---
-    "PROCESS_APP_ID": ("", "Faust app id of the stream processor: its consumer group and changelog "
+    "PROCESS_APP_ID": ("", "App id of the stream processor: its consumer group, transactional ids and changelog "
                            "(default: <topic prefix>processor)."),
     "PROCESS_DATA_DIR": ("", "Local state (SQLite, committed writes only) of the stream processor "
                              "(default: $ROLLSTREAM_HOME/processor/<app id>)."),
