@@ -13,6 +13,19 @@ CANCELLED rollout is dropped. What it leaves out of Rollstream's join: attempts,
 rewards, credit assignment, expiry, late events, dead letters, duplicate detection by event id
 (a repeated call id overwrites the call).
 
+Ordering: a concatenation of dataframes of different topics turns on quixstreams' time alignment: of
+the records of one partition number it hands on the one with the smallest timestamp, across the
+three topics. Records with equal (millisecond) timestamps, common when a rollout's events are
+produced together, go in the order of the topics' assignment, which librdkafka sorts by name:
+calls, then rewards, then rollouts, so a rollout's calls come before its reward and final status.
+A call that still came after them (a producer clock behind, a call published late) would open a
+rollout that never completes: the count of transitions would fall short, and the run time out.
+
+Speed: ``--poll-timeout`` defaults to 0.1 s instead of quixstreams' 1 s. Under time alignment each
+consumer poll asks for ``max_partition_buffer_size`` (10,000) records and waits for that many or
+for the timeout, so at 1 s a backlog smaller than that, or the tail of any backlog, waits idle
+for a second per poll.
+
 It needs only quixstreams, fastavro and orjson (not the ``rollstream`` package): run it with the
 venv ``scripts/setup-bench.sh`` makes.
 

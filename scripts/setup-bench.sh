@@ -47,10 +47,14 @@ if ! "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --no-w
   echo "setup-bench: quixstreams: pip install FAILED for: $want" >&2
   exit 1
 fi
-if ! "$dir/bin/python" -c "$check"; then
+# (quixstreams' import of authlib prints a DeprecationWarning about httpx on stderr: only shown on failure.)
+if ! err=$("$dir/bin/python" -c "$check" 2>&1); then
+  echo "$err" >&2
   echo "setup-bench: quixstreams: installed, but quixstreams, fastavro, orjson or rocksdict does not import" >&2
   exit 1
 fi
 printf '%s' "$want" > "$dir/.done"
-echo "setup-bench: quixstreams: done in $((SECONDS - start))s, $(du -sh "$dir" | cut -f1)" \
-  "($("$dir/bin/python" -c 'import quixstreams, confluent_kafka; print("quixstreams", quixstreams.__version__, "confluent-kafka", confluent_kafka.version()[0])'))"
+versions=$("$dir/bin/python" -c 'import quixstreams, confluent_kafka, rocksdict, fastavro, orjson
+print("quixstreams", quixstreams.__version__, "confluent-kafka", confluent_kafka.__version__,
+      "librdkafka", confluent_kafka.libversion()[0], "fastavro", fastavro.__version__, "orjson", orjson.__version__)' 2>/dev/null)
+echo "setup-bench: quixstreams: done in $((SECONDS - start))s, $(du -sh "$dir" | cut -f1) ($versions)"
