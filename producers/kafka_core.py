@@ -172,6 +172,7 @@ class KafkaCore:
         self.on_report = on_report  # (topic, None or why Kafka refused it) for each record, before it settles
         self.delivered = 0
         self.failed = 0
+        self.queued = 0  # records enqueued whose delivery report has not been served yet
         self._counting = threading.Lock()  # reports are served by the delivery thread, and by flush() callers
         self._last_error_log = 0.0
         self.producer = Producer(producer_config(settings, **{
@@ -195,7 +196,9 @@ class KafkaCore:
         return len(self.producer)
 
     def has_room(self, n: int = 1) -> bool:
-        return len(self.producer) + n <= self.queue_max
+        # Counted here, not with len(producer): that also counts librdkafka's queued events (a connection
+        # error of an unreachable broker, say), which take no room in the message queue.
+        return self.queued + n <= self.queue_max
 
     def send(self, topic: str, key: bytes, values: list[bytes], delivery: Delivery, *, block: bool = True) -> int:
         """Enqueue ``values`` in order, keyed by ``key``, each settling ``delivery``; returns how many were taken.
@@ -207,6 +210,8 @@ class KafkaCore:
             while True:
                 try:
                     self.producer.produce(topic, value=value, key=key, on_delivery=report)
+                    with self._counting:
+                        self.queued += 1
                     break
                 except KafkaException as exc:
                     self._settle(delivery, topic, key, exc.args[0] if exc.args else exc)
@@ -219,6 +224,8 @@ class KafkaCore:
         return len(values)
 
     def _report(self, delivery: Delivery, err: KafkaError | None, msg: Message) -> None:
+        with self._counting:
+            self.queued -= 1
         self._settle(delivery, msg.topic() or "?", msg.key(), err)
 
     def _settle(self, delivery: Delivery, topic: str, key: Any, err: object | None) -> None:
