@@ -75,7 +75,6 @@ class Partition:
     pending: dict[bytes, float] = field(default_factory=dict)  # complete rollouts waiting -> stream time
     outputs: list[Output] = field(default_factory=list)
     positions: dict[str, int] = field(default_factory=dict)  # input topic -> next offset, this batch
-    changelog_end: int | None = None  # next changelog offset after this batch's writes
 
 
 class Engine:

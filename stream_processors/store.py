@@ -32,9 +32,6 @@ class Row:
     open_since: float | None = None
 
 
-KEEP_INDEX = object()  # staged index update that leaves the value as it is
-
-
 class PartitionStore:
     """Committed state of one input partition, plus the writes staged by the batch in progress."""
 
