@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+from functools import cache
 from typing import Any
 
 import fastavro
@@ -19,7 +20,8 @@ from fastavro.read import SchemaResolutionError
 from fastavro.schema import to_parsing_canonical_form
 
 from rollstream.errors import SchemaError, SerializationError
-from rollstream.schemas import EventType, int_fields, parsed_schema, schema_text
+from rollstream.schemas import EventType, int_fields, parsed_schema, schema_dict, schema_text
+from rollstream.schemas.rawavro import AvroArray, SplitSchema, as_arrays
 from rollstream.schemas.topics import Topics
 from rollstream.settings import ConnectionSettings
 
@@ -31,6 +33,19 @@ HEADER = struct.Struct(">bI")
 # Errors reaching the registry (a connection refused) are not among them: they are not the data's fault.
 BAD_BODY_ERRORS = (ValueError, EOFError, IndexError, TypeError, KeyError, OverflowError,
                    SchemaResolutionError)
+
+
+# The token arrays of the events that carry them: read and written as bytes where the processor
+# only copies them from a call to its transition (rawavro.py).
+TOKEN_ARRAYS: dict[EventType, tuple[str, ...]] = {
+    "LlmCall": ("prompt_token_ids", "response_token_ids", "response_logprobs"),
+    "Transition": ("prompt_token_ids", "response_token_ids", "behaviour_logprobs"),
+}
+
+
+@cache
+def split_schema(event_type: EventType) -> SplitSchema:
+    return SplitSchema(schema_dict(event_type), TOKEN_ARRAYS[event_type])
 
 
 REGISTRY_TIMEOUT_S = 10  # seconds a schema registry request may take
@@ -119,8 +134,12 @@ class EventCodec:
         check_int_fields(event_type, record)
         buf = io.BytesIO()
         buf.write(header)
+        arrays = TOKEN_ARRAYS.get(event_type, ())
         try:
-            fastavro.schemaless_writer(buf, parsed_schema(event_type), record)
+            if any(isinstance(record.get(name), AvroArray) for name in arrays):
+                split_schema(event_type).write(buf, record)
+            else:
+                fastavro.schemaless_writer(buf, parsed_schema(event_type), record)
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             raise SerializationError(f"cannot encode a {event_type} for '{topic}': {exc}") from exc
         return buf.getvalue()
@@ -144,12 +163,23 @@ class EventCodec:
             got = self._writers[(schema_id, topic)] = (writer, None if same else reader)
         return got
 
-    def decode(self, topic: str, data: bytes) -> dict[str, Any]:
-        """Decode with the writer's schema (from the registry) into this reader's schema."""
+    def decode(self, topic: str, data: bytes, raw_arrays: bool = False) -> dict[str, Any]:
+        """Decode with the writer's schema (from the registry) into this reader's schema.
+
+        ``raw_arrays``: the token arrays of the events that have them (TOKEN_ARRAYS) come back as
+        :class:`AvroArray`, their encoded bytes, not as lists (read as bytes when the writer's schema
+        is the reader's own, converted otherwise)."""
         schema_id = parse_header(data)
         writer, reader = self._schemas(schema_id, topic)
+        event_type = self._event_type(topic)
+        split = raw_arrays and event_type in TOKEN_ARRAYS
         try:
-            record = fastavro.schemaless_reader(io.BytesIO(data[HEADER.size:]), writer, reader)
+            if split and reader is None:
+                record = split_schema(event_type).read(data, HEADER.size)
+            else:
+                record = fastavro.schemaless_reader(io.BytesIO(data[HEADER.size:]), writer, reader)
+                if split and isinstance(record, dict):
+                    as_arrays(record, split_schema(event_type))
         except BAD_BODY_ERRORS as exc:
             raise SerializationError(f"cannot decode a record of '{topic}': {_short(exc)}") from exc
         if not isinstance(record, dict):

@@ -23,6 +23,7 @@ from confluent_kafka.schema_registry import SchemaRegistryError
 from rollstream.errors import BadInputError, SerializationError
 from rollstream.schemas import make_event
 from rollstream.schemas.codec import EventCodec, parse_header
+from rollstream.schemas.rawavro import AvroArray
 from rollstream.schemas.topics import Topics
 from rollstream.stream_processors.join import Kind
 from rollstream.stream_processors.retokenize import CallTokenizer
@@ -74,7 +75,9 @@ class InputDecoder:
             raise BadInputError("undecodable", str(exc)) from exc
         self._check_schema_id(schema_id)
         try:
-            record = self.codec.decode(topic, value)
+            # A call's token arrays stay as their Avro bytes (rawavro.py): the processor copies them
+            # into the transition unchanged.
+            record = self.codec.decode(topic, value, raw_arrays=kind == "call")
         except SerializationError as exc:
             raise BadInputError("undecodable", str(exc)) from exc
         rollout_id = record.get("rollout_id")
@@ -97,7 +100,8 @@ class InputDecoder:
     def _check_call(self, record: dict[str, Any]) -> None:
         prompt, response = record.get("prompt_token_ids"), record.get("response_token_ids")
         if self.tokenizer is not None and (not prompt or not response):
-            record["prompt_token_ids"], record["response_token_ids"] = self.tokenizer.token_ids(record)
+            ids = self.tokenizer.token_ids(record)
+            record["prompt_token_ids"], record["response_token_ids"] = (AvroArray.from_list(x, "int") for x in ids)
             record["response_logprobs"] = None  # they belong to the engine's tokens, not to these
             record["token_source"] = "tokenizer"
             return
@@ -109,10 +113,8 @@ class InputDecoder:
                 "call's text (or ROLLSTREAM_PROCESS_REQUIRE_TOKEN_IDS=0 to let it through without ids)",
             )
         logprobs = record.get("response_logprobs")
-        # One C-speed sum first: NaN, or +inf beside -inf, make it NaN; +inf alone makes it +inf.
-        total = sum(logprobs) if logprobs is not None else 0.0
-        if logprobs is not None and not (math.isfinite(total) or total == -math.inf) and not all(
-                math.isfinite(x) or x == -math.inf for x in logprobs):
+        # -inf is a valid logprob (a token the policy ruled out); NaN and +inf are not.
+        if logprobs is not None and not (logprobs.numbers() < math.inf).all():
             raise BadInputError("invalid_value", f"call {record['call_id']!r} has NaN logprobs")
 
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import orjson
 
 from rollstream.errors import ProcessorError
+from rollstream.schemas.rawavro import AvroArray
 
 
 class MissingPieceError(ProcessorError):
@@ -51,9 +52,10 @@ class CallEntry:
     agent_name: str | None
     policy: str
     policy_version: int
-    prompt_token_ids: list[int]
-    response_token_ids: list[int]
-    response_logprobs: list[float] | None
+    # Lists inline in states stored before the tokens moved to pieces; AvroArray once read from a piece.
+    prompt_token_ids: list[int] | AvroArray
+    response_token_ids: list[int] | AvroArray
+    response_logprobs: list[float] | AvroArray | None
     start_time: float = 0.0  # seconds since the epoch; orders the calls (the sequence counter restarts with a gateway)
     # True: the token ids and logprobs are stored as a piece of their own (see RolloutState.pieces), not inline.
     piece: bool = False
@@ -66,29 +68,48 @@ class CallEntry:
         return f"{self.attempt}\x1f{self.call_id}"
 
 
-def pack_tokens(prompt: list[int], response: list[int], logprobs: list[float] | None) -> bytes:
-    """A call's token ids and logprobs as one compact piece (4 bytes a token id where they fit)."""
-    try:
-        code, body = "I", array("I", prompt).tobytes() + array("I", response).tobytes()
-    except OverflowError:  # an id outside 32 bits unsigned
-        code, body = "q", array("q", prompt).tobytes() + array("q", response).tobytes()
-    head = struct.pack("<cIIi", code.encode(), len(prompt), len(response), -1 if logprobs is None else len(logprobs))
-    return head + body + (array("d", logprobs).tobytes() if logprobs is not None else b"")
+PIECE_HEAD = struct.Struct("<cIIIIiI")  # b"A", then (items, bytes) of the prompt, the response, the logprobs
+OLD_HEAD = struct.Struct("<cIIi")  # b"I" or b"q", then the prompt's, the response's and the logprobs' lengths
 
 
-def unpack_tokens(data: bytes) -> tuple[list[int], list[int], list[float] | None]:
-    code, n_prompt, n_response, n_logprobs = struct.unpack_from("<cIIi", data)
+def pack_tokens(prompt: AvroArray, response: AvroArray, logprobs: AvroArray | None) -> bytes:
+    """A call's token ids and logprobs as one piece: their Avro encodings, copied as they are."""
+    lp = logprobs.data if logprobs is not None else b""
+    head = PIECE_HEAD.pack(b"A", prompt.count, len(prompt.data), response.count, len(response.data),
+                           -1 if logprobs is None else logprobs.count, len(lp))
+    return head + prompt.data + response.data + lp
+
+
+def unpack_tokens(data: bytes) -> tuple[AvroArray, AvroArray, AvroArray | None]:
+    if data[:1] != b"A":  # a piece stored before the Avro form: fixed-width ids, logprobs as doubles
+        return _unpack_old(data)
+    _, n_prompt, b_prompt, n_response, b_response, n_logprobs, b_logprobs = PIECE_HEAD.unpack_from(data)
+    at = PIECE_HEAD.size
+    prompt = AvroArray(data[at:at + b_prompt], n_prompt, "int")
+    at += b_prompt
+    response = AvroArray(data[at:at + b_response], n_response, "int")
+    at += b_response
+    logprobs = AvroArray(data[at:at + b_logprobs], n_logprobs, "float") if n_logprobs >= 0 else None
+    return prompt, response, logprobs
+
+
+def _unpack_old(data: bytes) -> tuple[AvroArray, AvroArray, AvroArray | None]:
+    code, n_prompt, n_response, n_logprobs = OLD_HEAD.unpack_from(data)
     ids: array[int] = array(code.decode())
-    at = struct.calcsize("<cIIi")
+    at = OLD_HEAD.size
     ids.frombytes(data[at:at + (n_prompt + n_response) * ids.itemsize])
     at += (n_prompt + n_response) * ids.itemsize
     logprobs = None
     if n_logprobs >= 0:
         lp: array[float] = array("d")
         lp.frombytes(data[at:at + n_logprobs * lp.itemsize])
-        logprobs = lp.tolist()
+        logprobs = AvroArray.from_list(lp, "float")
     values = ids.tolist()
-    return values[:n_prompt], values[n_prompt:], logprobs
+    return AvroArray.from_list(values[:n_prompt], "int"), AvroArray.from_list(values[n_prompt:], "int"), logprobs
+
+
+def _as_array(values: list[Any] | AvroArray, kind: str) -> AvroArray:
+    return values if isinstance(values, AvroArray) else AvroArray.from_list(values, kind)
 
 
 @dataclass
@@ -131,8 +152,11 @@ class RolloutState:
 
     def tokens(self, call: CallEntry, load: Callable[[str], bytes | None]) -> CallEntry:
         """``call`` with its token ids and logprobs, read from its piece where they are stored apart."""
-        if not call.piece:
-            return call
+        if not call.piece:  # a state stored with its tokens inline
+            return replace(call, prompt_token_ids=_as_array(call.prompt_token_ids, "int"),
+                           response_token_ids=_as_array(call.response_token_ids, "int"),
+                           response_logprobs=None if call.response_logprobs is None
+                           else _as_array(call.response_logprobs, "float"))
         data = self.new_pieces.get(call.piece_id) or load(call.piece_id)
         if data is None:
             raise MissingPieceError(f"rollout {self.rollout_id}: the tokens of call {call.call_id} "
@@ -247,8 +271,9 @@ def apply(
         )
         state.calls.append(entry)
         state.new_pieces[entry.piece_id] = pack_tokens(
-            list(record.get("prompt_token_ids") or []), list(record.get("response_token_ids") or []),
-            record.get("response_logprobs"),
+            _as_array(record.get("prompt_token_ids") or [], "int"),
+            _as_array(record.get("response_token_ids") or [], "int"),
+            None if record.get("response_logprobs") is None else _as_array(record["response_logprobs"], "float"),
         )
     elif kind == "reward":
         if record.get("name", "primary") != reward_name:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import struct
+from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 from sp_helpers import Pipe, call, lifecycle, reward
 
 from rollstream.schemas.codec import EventCodec
+from rollstream.schemas.rawavro import AvroArray
 from rollstream.schemas.topics import Topics
 from rollstream.stream_processors.join import pack_tokens, unpack_tokens
 
@@ -20,10 +23,25 @@ PROMPT_TOKENS = 200_000
 
 
 def test_token_pieces_round_trip() -> None:
-    prompt, response = list(range(0, 300_000, 3)), [5, 2**33]  # an id past 32 bits takes the wide form
-    assert unpack_tokens(pack_tokens(prompt, response, [-0.5, -1.25])) == (prompt, response, [-0.5, -1.25])
-    assert unpack_tokens(pack_tokens([1], [], None)) == ([1], [], None)
-    assert len(pack_tokens(prompt, [1], None)) < 4 * len(prompt) + 32
+    prompt, response = list(range(0, 300_000, 3)), [5, 49_000]
+
+    def ints(values: list[int]) -> AvroArray:
+        return AvroArray.from_list(values, "int")
+
+    got = unpack_tokens(pack_tokens(ints(prompt), ints(response), AvroArray.from_list([-0.5, -1.25], "float")))
+    assert got == (prompt, response, [-0.5, -1.25]) and [a.data for a in got[:2]] == [ints(prompt).data,
+                                                                                      ints(response).data]
+    assert unpack_tokens(pack_tokens(ints([1]), ints([]), None)) == ([1], [], None)
+    assert len(pack_tokens(ints(prompt), ints([1]), None)) < 4 * len(prompt) + 32
+
+
+def test_pieces_stored_before_the_avro_form_still_load() -> None:
+    """Changelogs keep pieces of the fixed-width form (b"I", or b"q" for ids past 32 bits)."""
+    narrow = struct.pack("<cIIi", b"I", 2, 1, 1) + array("I", [3, 4, 5]).tobytes() + array("d", [-0.5]).tobytes()
+    assert unpack_tokens(narrow) == ([3, 4], [5], [-0.5])
+    wide = struct.pack("<cIIi", b"q", 1, 1, -1) + array("q", [7, 2**33]).tobytes()
+    prompt, response, logprobs = unpack_tokens(wide)
+    assert (prompt, logprobs) == ([7], None) and response.tolist() == [2**33]
 
 
 def big_prompt(seq: int) -> list[int]:
