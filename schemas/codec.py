@@ -108,6 +108,7 @@ class EventCodec:
         self.topics = topics
         self._ids: dict[str, bytes] = {}  # topic -> the wire-format header of its registered schema
         self._writers: dict[tuple[int, str], tuple[Any, Any]] = {}  # (schema id, topic) -> (writer, reader|None)
+        self._types: dict[str, EventType] = {}  # topic -> the event type its records hold
         self._key_ser = StringSerializer("utf_8")
         self._key_de = StringDeserializer("utf_8")
 
@@ -117,7 +118,12 @@ class EventCodec:
         return cls(registry_client(settings), Topics.from_settings(settings))
 
     def _event_type(self, topic: str) -> EventType:
+        event_type = self._types.get(topic)
+        if event_type is not None:
+            return event_type
         event_type = self.topics.spec(topic).event_type
+        if event_type is not None:
+            self._types[topic] = event_type
         if event_type is None:
             raise SerializationError(f"topic '{topic}' carries raw copies of other topics' records, not one event type")
         return event_type

@@ -94,6 +94,9 @@ class Engine:
         self.stop = threading.Event()
         self.stop_at_end = stop_at_end  # replay: stop once every input is read to where it ended at start
         self.ends: dict[tuple[str, int], int] = {}
+        # (topic, partition) -> the offset after its last record in the batch in progress: until the batch has
+        # handled that record, the consumer's position (already past the whole batch) is not what was read.
+        self.batch_end: dict[tuple[str, int], int] = {}
         assert settings.data_dir is not None
         self.data_dir: Path = settings.data_dir
         self.consumer = Consumer(consumer_config(settings.app_id, conn, **{
@@ -130,6 +133,7 @@ class Engine:
     def _batch(self, msgs: Sequence[Any]) -> None:
         now = time.time()
         touched: set[int] = set()
+        self.batch_end = {(m.topic(), m.partition()): m.offset() + 1 for m in msgs if m.error() is None}
         for msg in msgs:
             err = msg.error()
             if err is not None:
@@ -141,6 +145,7 @@ class Engine:
                 continue
             self._record(part, msg, now)
             touched.add(part.number)
+        self.batch_end = {}
         for p in touched:
             self._waiting(self.parts[p], now)
         self._commit([self.parts[p] for p in sorted(touched)])
@@ -178,7 +183,7 @@ class Engine:
         for key, ts in list(part.pending.items()):
             if self.watermarks.ready(part.number, ts, now, self._caught_up):
                 self._stage(part, key, self.processor.check(part.store.get(key), now, ready,
-                                                            self._loader(part, key)))
+                                                            self._loader(part, key), key))
 
     def _tick(self) -> None:
         """Expiry and forgetting by deadline, and completions that waited for an idle topic."""
@@ -189,7 +194,7 @@ class Engine:
             ready = self._ready(part.number, now)
             for key in part.store.due(now):
                 self._stage(part, key, self.processor.check(part.store.get(key), now, ready,
-                                                            self._loader(part, key)))
+                                                            self._loader(part, key), key))
             self._waiting(part, now)
             if part.store.staged or part.store.index_only or part.outputs:
                 touched.append(part)
@@ -368,13 +373,16 @@ class Engine:
     def _position(self, topic: str, partition: int) -> int:
         # The consumer's position is past transaction markers, which the last record's offset is not.
         # Before the first record of a partition it has none: then the committed offset it started from.
+        handled = self.watermarks.next_offset.get((topic, partition), 0)
+        if handled < self.batch_end.get((topic, partition), 0):
+            return handled  # records of this batch not handled yet
         tp = TopicPartition(topic, partition)
         got = self.consumer.position([tp])[0].offset
         if got < 0 and (topic, partition) not in self.watermarks.next_offset:
             if (topic, partition) not in self.started_at:
                 self.started_at[(topic, partition)] = max(0, self.consumer.committed([tp], timeout=10)[0].offset)
             got = self.started_at[(topic, partition)]
-        return max(got, self.watermarks.next_offset.get((topic, partition), 0))
+        return max(got, handled)
 
     def _at_end(self) -> bool:
         """Replay: every input read to where it ended at start, and no complete rollout still waiting."""

@@ -28,6 +28,7 @@ from rollstream.stream_processors.store import Row
 
 log = logging.getLogger(__name__)
 
+PARSED_MAX = 4096  # parsed states kept for the next event of their rollout
 KEEP = b"\x00keep"  # Decision.state sentinel: leave the stored state as it is
 REASON_HEADER = "rollstream-late-reason"
 
@@ -89,6 +90,33 @@ class Processor:
         self.decoder = InputDecoder(codec, topics, settings.max_message_bytes, settings.require_token_ids, tokenizer)
         self.rules = settings.credit_rules()
         self.agent_pattern = settings.agent_pattern()
+        # key -> (the stored bytes, the state they were dumped from): a rollout's next event finds its state
+        # parsed already, as long as what the store hands back is that very bytes object (see _load).
+        self._parsed: dict[bytes, tuple[bytes, RolloutState]] = {}
+
+    def _load(self, key: bytes | None, stored: bytes) -> RolloutState:
+        """The state in ``stored``: the object it was dumped from when the store returns the same bytes object.
+
+        Identity, not equality: the store returns the object staged with the decision (or a new one read
+        from the file, after a restart or an aborted batch), so a state object is reused only for exactly
+        the write it made. Each object is taken once, and its new pieces are already staged.
+        """
+        got = self._parsed.pop(key, None) if key is not None else None
+        if got is not None and got[0] is stored:
+            return got[1]
+        return RolloutState.loads(stored)
+
+    def _remember(self, key: bytes | None, decision: Decision, state: RolloutState,
+                  stored: bytes | None = None) -> Decision:
+        """``decision``, keeping ``state`` for the rollout's next look: as the bytes the decision stores, or
+        as ``stored`` where the decision leaves the state as it was (and ``state`` was not changed)."""
+        value = stored if decision.state is KEEP else decision.state
+        if key is not None and value is not None:
+            state.new_pieces = {}  # staged with the decision: what a state loaded from the store has
+            if len(self._parsed) >= PARSED_MAX:
+                del self._parsed[next(iter(self._parsed))]
+            self._parsed[key] = (value, state)
+        return decision
 
     def _deadline(self, state: RolloutState) -> float:
         s = self.settings
@@ -119,13 +147,13 @@ class Processor:
             return Decision(outputs=[Output(self.topics.dead_letters, key, value_out)], tracks=False)
         if decoded.record.get("token_source") == "tokenizer":
             self.metrics.inc("tokenized_calls")
-        state = RolloutState.loads(stored) if stored is not None else None
+        state = self._load(key, stored) if stored is not None else None
         state, outcome = join.apply(
             state, decoded.kind, decoded.record, now, self.settings.completion, self.settings.reward_name, ts
         )
         if outcome is Outcome.DUPLICATE:
             self.metrics.inc("duplicates")
-            return Decision(tracks=False)
+            return self._remember(key, Decision(tracks=False), state, stored)
         if outcome is Outcome.LATE:
             self.metrics.inc("late")
             log.info("late %s %s[%d]@%d for rollout %s (%s)", decoded.kind, topic, partition, offset,
@@ -136,53 +164,57 @@ class Processor:
                 ("rollstream-partition", str(partition).encode()),
                 ("rollstream-offset", str(offset).encode()),
             ]
-            return Decision(outputs=[Output(self.topics.late_events, key, value or b"", headers)], tracks=False)
+            return self._remember(key, Decision(outputs=[Output(self.topics.late_events, key, value or b"", headers)],
+                                                tracks=False), state, stored)
         if outcome is Outcome.IGNORED:
             self.metrics.inc("ignored_rewards")
         if outcome is Outcome.COMPLETED:
             if ready(state):
-                return self._complete(state, now, load)
-            return self._keep(state, pending_ts=state.max_ts)
-        return self._keep(state)
+                return self._complete(key, state, now, load)
+            return self._keep(key, state, pending_ts=state.max_ts)
+        return self._keep(key, state)
 
-    def _keep(self, state: RolloutState, pending_ts: float | None = None) -> Decision:
+    def _keep(self, key: bytes | None, state: RolloutState, pending_ts: float | None = None) -> Decision:
         """Store the open state, and the pieces added to it."""
         pieces: list[tuple[str, bytes | None]] = list(state.new_pieces.items())
-        return Decision(state.dumps(), [], self._deadline(state), pending_ts=pending_ts, pieces=pieces,
-                        open_since=state.first_seen)
+        return self._remember(key, Decision(state.dumps(), [], self._deadline(state), pending_ts=pending_ts,
+                                            pieces=pieces, open_since=state.first_seen), state)
 
-    def _close(self, state: RolloutState, how: str, now: float, outputs: list[Output]) -> Decision:
+    def _close(self, key: bytes | None, state: RolloutState, how: str, now: float, outputs: list[Output]) -> Decision:
         """Replace the state by its closed marker, deleting the pieces stored for it."""
         stored: list[tuple[str, bytes | None]] = [(pid, None) for pid in state.pieces() if pid not in state.new_pieces]
         closed = join.close(state, how, now)
-        return Decision(closed.dumps(), outputs, self._deadline(closed), pieces=stored)
+        return self._remember(key, Decision(closed.dumps(), outputs, self._deadline(closed), pieces=stored), closed)
 
-    def _complete(self, state: RolloutState, now: float, load: Load) -> Decision:
+    def _complete(self, key: bytes | None, state: RolloutState, now: float, load: Load) -> Decision:
         terminal = state.terminal_reward()
         assert terminal is not None
         outputs = self.transitions(state, terminal.value, "completed", load)
         self.metrics.inc("completed")
-        return self._close(state, "completed", now, outputs)
+        return self._close(key, state, "completed", now, outputs)
 
     def check(
         self, stored: bytes | None, now: float, ready: Callable[[RolloutState], bool] = lambda s: True,
-        load: Load = no_pieces,
+        load: Load = no_pieces, key: bytes | None = None,
     ) -> Decision:
-        """A look at one rollout: complete it once ready, expire it, or forget its closed marker, when due."""
+        """A look at one rollout: complete it once ready, expire it, or forget its closed marker, when due.
+
+        ``key``: the rollout's table key, which lets the state parsed at its last write be reused."""
         if stored is None:
             return Decision(deadline=None)
-        state = RolloutState.loads(stored)
+        state = self._load(key, stored)
         s = self.settings
         if state.is_complete(s.completion):
             if ready(state):
-                return self._complete(state, now, load)
-            return Decision(deadline=self._deadline(state), pending_ts=state.max_ts)
+                return self._complete(key, state, now, load)
+            return self._remember(key, Decision(deadline=self._deadline(state), pending_ts=state.max_ts), state,
+                                  stored)
         if state.closed:
             if now >= self._deadline(state):
                 return Decision(state=None, deadline=None)
-            return Decision(deadline=self._deadline(state))
+            return self._remember(key, Decision(deadline=self._deadline(state)), state, stored)
         if not join.is_expired(state, now, s.expire_after, s.expire_from):
-            return Decision(deadline=self._deadline(state))
+            return self._remember(key, Decision(deadline=self._deadline(state)), state, stored)
         outputs: list[Output] = []
         if s.expire_action == "fill":
             terminal = state.terminal_reward()
@@ -191,7 +223,7 @@ class Processor:
         else:
             self.metrics.inc("expired_dropped")
         log.info("rollout %s expired (%s, %d calls)", state.rollout_id, s.expire_action, len(state.calls))
-        return self._close(state, "expired", now, outputs)
+        return self._close(key, state, "expired", now, outputs)
 
     def transitions(self, state: RolloutState, terminal: float, how: str, load: Load = no_pieces) -> list[Output]:
         attempt = state.target_attempt()

@@ -23,6 +23,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+RECENT_MAX = 8192  # applied values kept in memory for the next read of their key
+RECENT_VALUE_MAX = 64 * 1024  # larger ones (a long rollout's token pieces) are read from the file
+
 
 @dataclass
 class Row:
@@ -41,6 +44,9 @@ class PartitionStore:
         self.db = self._open(path)
         self.staged: dict[bytes, Row] = {}
         self.index_only: dict[bytes, tuple[float | None, float | None]] = {}
+        # The values of the latest applied writes, as the very objects staged: a rollout's next event reads
+        # its state without a query (and the processor finds the state it parsed from them, processor._load).
+        self.recent: dict[bytes, bytes] = {}
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
@@ -72,6 +78,9 @@ class PartitionStore:
         row = self.staged.get(key)
         if row is not None:
             return row.value
+        value = self.recent.get(key)
+        if value is not None:
+            return value
         got = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
         return got[0] if got else None
 
@@ -118,7 +127,7 @@ class PartitionStore:
         return out
 
     def _stored(self, key: bytes) -> bool:
-        return self.db.execute("SELECT 1 FROM state WHERE key = ?", (key,)).fetchone() is not None
+        return key in self.recent or self.db.execute("SELECT 1 FROM state WHERE key = ?", (key,)).fetchone() is not None
 
     def apply(self, changelog_offset: int | None) -> None:
         """Write the staged batch to the file, with the changelog offset it reaches, in one transaction."""
@@ -137,7 +146,15 @@ class PartitionStore:
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
+            self.recent.clear()
             raise
+        recent = self.recent
+        for key, row in self.staged.items():
+            recent.pop(key, None)
+            if row.value is not None and len(row.value) <= RECENT_VALUE_MAX:
+                recent[key] = row.value
+        while len(recent) > RECENT_MAX:
+            del recent[next(iter(recent))]
         self.discard()
 
     def discard(self) -> None:
@@ -148,6 +165,7 @@ class PartitionStore:
     def clear(self) -> None:
         """Empty the file: the changelog is read again from its start."""
         self.discard()
+        self.recent.clear()
         self.db.execute("DELETE FROM state")
         self.db.execute("DELETE FROM meta")
 
