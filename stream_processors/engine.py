@@ -34,6 +34,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,7 @@ class Engine:
             "max.poll.interval.ms": 600000,
         }))
         self.marks = Consumer(consumer_config(f"{settings.app_id}-marks", conn))
+        self._committer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="commit")
         self._last_tick = 0.0
 
     # --- the loop --------------------------------------------------------------------------
@@ -117,7 +119,7 @@ class Engine:
                                 on_lost=self._on_revoke)
         try:
             while not self.stop.is_set():
-                msgs = self.consumer.consume(BATCH_MAX, timeout=self.settings.commit_interval)
+                msgs = self._next_batch()
                 if msgs:
                     self._batch(msgs)
                 if time.monotonic() - self._last_tick >= self.settings.timer_interval:
@@ -127,8 +129,21 @@ class Engine:
                     break
         finally:
             self._release(list(self.parts))
+            self._committer.shutdown()
             self.consumer.close()
             self.marks.close()
+
+    def _next_batch(self) -> list[Any]:
+        """What has arrived, up to BATCH_MAX; when nothing has, what arrives first within the commit interval.
+
+        A batch never waits to fill: under load it holds what came in while the last one committed, so
+        batches grow with the rate and a quiet stream's records go through at once."""
+        msgs: list[Any] = self.consumer.consume(BATCH_MAX, timeout=0)
+        if not msgs:
+            msgs = self.consumer.consume(1, timeout=self.settings.commit_interval)
+            if msgs:
+                msgs += self.consumer.consume(BATCH_MAX - 1, timeout=0)
+        return msgs
 
     def _batch(self, msgs: Sequence[Any]) -> None:
         now = time.time()
@@ -209,19 +224,33 @@ class Engine:
     # --- commit: the one place where effects become visible ----------------------------------
 
     def _commit(self, parts: Sequence[Partition]) -> None:
-        for part in parts:
-            try:
-                self._commit_one(part)
-            except Exception:
-                part.store.discard()
-                part.outputs.clear()
-                part.positions.clear()
-                if self.exactly_once:
-                    try:
-                        part.producer.abort_transaction(30)
-                    except Exception:  # fenced or fatal: nothing more to abort
-                        pass
-                raise
+        """Commit each partition's share of the batch in its own transaction, the partitions side by side.
+
+        Their transactions are independent (one producer each), and most of a commit is waiting for the
+        broker (the offsets, then the commit markers): done one after another, the waits add up. A
+        partition whose commit failed is rolled back; the others stand, and the first error is raised."""
+        if len(parts) <= 1:
+            results = [self._try_commit(p) for p in parts]
+        else:
+            results = list(self._committer.map(self._try_commit, parts))
+        for exc in results:
+            if exc is not None:
+                raise exc
+
+    def _try_commit(self, part: Partition) -> BaseException | None:
+        try:
+            self._commit_one(part)
+            return None
+        except Exception as exc:
+            part.store.discard()
+            part.outputs.clear()
+            part.positions.clear()
+            if self.exactly_once:
+                try:
+                    part.producer.abort_transaction(30)
+                except Exception:  # fenced or fatal: nothing more to abort
+                    pass
+            return exc
 
     def _commit_one(self, part: Partition) -> None:
         changes = part.store.changed()
@@ -346,7 +375,17 @@ class Engine:
     # --- readiness: has every input of the partition passed a rollout's stream time? ---------
 
     def _ready(self, p: int, now: float) -> Callable[[RolloutState], bool]:
-        return lambda state: self.watermarks.ready(p, state.max_ts, now, self._caught_up)
+        calls = (self.topics.calls,)
+
+        def ready(state: RolloutState) -> bool:
+            # Complete without a single call, a rollout would train nothing: its calls may still be on their way
+            # (their producer slower than the reward's, past the high-water margin), so an idle calls topic does
+            # not vouch for them. It completes once the calls topic is read past it, or expires.
+            attempt = state.target_attempt()
+            strict = () if any(c.attempt == attempt for c in state.calls) else calls
+            return self.watermarks.ready(p, state.max_ts, now, self._caught_up, strict)
+
+        return ready
 
     def _caught_up(self, topic: str, partition: int, at_ts: float) -> bool:
         """Whether everything the topic-partition held when ``at_ts`` was passed has been read.

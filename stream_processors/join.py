@@ -336,12 +336,15 @@ class Watermarks:
 
     def ready(
         self, partition: int, at_ts: float, now: float,
-        caught_up: Callable[[str, int, float], bool] = lambda t, p, ts: True,
+        caught_up: Callable[[str, int, float], bool] = lambda t, p, ts: True, strict: tuple[str, ...] = (),
     ) -> bool:
+        """``strict``: topics that only pass by being read past ``at_ts``, never by being idle and caught up."""
         for topic in self.topics:
             # Strictly later: records with the same (millisecond) timestamp may still be behind.
             if self.ts.get((topic, partition), float("-inf")) > at_ts:
                 continue
+            if topic in strict:
+                return False
             # A partition nothing was read from since start counts as idle from the first time it is asked about.
             last = self.wall.get((topic, partition), self.first_wall.setdefault(partition, now))
             if now - last < self.grace or not caught_up(topic, partition, at_ts):
