@@ -51,6 +51,7 @@ class Sample:
     behaviour_logprobs: list[float] | None
     reward: float
     token_source: str = "engine"  # tokenizer: ids re-tokenized from text by the processor, never with logprobs
+    sequence: int = 0  # the call's order within its rollout attempt
 
     @property
     def tokens(self) -> int:
@@ -118,6 +119,7 @@ class TransitionReader:
         self.next_read: dict[int, int] = dict(start_offsets)  # partition -> next offset to read
         self.groups: OrderedDict[str, Group] = OrderedDict()  # filling
         self.ready: list[Group] = []  # released, in order
+        self.released: OrderedDict[str, Group] = OrderedDict()  # recently released groups by key (late calls)
         self.trained: dict[int, list[tuple[int, str]]] = {}  # partition -> (offset, id) trained since checkpoint
         self.dropped: dict[str, str] = {}  # transition id -> why it was not trained, since the last checkpoint
         self.last_message = time.monotonic()
@@ -202,6 +204,7 @@ class TransitionReader:
             assert partition is not None and offset is not None
             self.next_read[partition] = offset + 1
             self._accept(partition, offset, msg.value())
+        self._release_full()
         if messages:
             self.last_message = time.monotonic()
         return len(messages)
@@ -230,13 +233,28 @@ class TransitionReader:
             return
         self.seen.add(tid)
         key = sample.group_key
+        released = self.released.get(key)
+        if (released is not None and sample.rollout_key in released.rollouts
+                and any(g is released for g in self.ready)):
+            # A later call of a rollout whose group was already released (its transitions straddled two
+            # reads): it belongs with its rollout, not in a new group of one.
+            released.samples.append(sample)
+            return
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = Group(key, time.monotonic())
         group.samples.append(sample)
         group.rollouts.add(sample.rollout_key)
-        if len(group.rollouts) >= self._needed():
-            self.ready.append(self.groups.pop(key))
+
+    def _release_full(self) -> None:
+        """Groups holding enough rollouts go to ``ready``: after a whole read, so that a rollout's calls (one
+        transaction of the processor, consecutive in one partition) are all in it."""
+        needed = self._needed()
+        for key in [k for k, g in self.groups.items() if len(g.rollouts) >= needed]:
+            group = self.released[key] = self.groups.pop(key)
+            self.ready.append(group)
+        while len(self.released) > 4 * max(1, self.config.batch_size):
+            self.released.pop(next(iter(self.released)))
 
     def _needed(self) -> int:
         return self.config.group_size if self.config.objective in ("grpo", "rloo") else 1
@@ -274,6 +292,7 @@ class TransitionReader:
             prompt_ids=prompt, response_ids=response,
             behaviour_logprobs=None if behaviour is None else [float(x) for x in behaviour],
             reward=float(record[self.config.reward_field]), token_source=token_source,
+            sequence=int(record.get("sequence") or 0),
         )
 
     # -- batching ------------------------------------------------------------------------------

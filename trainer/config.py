@@ -43,6 +43,8 @@ class TrainConfig:
     batch_tokens: int = _f(8192, "Tokens per step (batch_by=tokens); whole groups only.")
     batch_timeout_s: float = _f(10.0, "Take a step on a partial batch after waiting this many seconds for it to fill.")
     micro_batch_size: int = _f(8, "Rows per forward/backward pass (gradient accumulation within a step).")
+    merge_turns: bool = _f(True, "Train a rollout's calls as one sequence where a call's prompt extends an earlier "
+                           "call's prompt + response token for token (forking where it does not); same gradient.")
     max_seq_len: int = _f(4096, "Transitions longer than this (prompt + response tokens) are dropped (counted).")
     max_policy_lag: int = _f(4, "Drop transitions whose policy_version is more than this many versions behind.")
     correction: Correction = _f(

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from rollstream.trainer.config import Correction, Objective
+from rollstream.trainer.merge import Row
 
 
 def advantages(returns: Sequence[float], group_index: Sequence[int], objective: Objective,
@@ -75,30 +76,44 @@ class Packed:
     attention_mask: torch.Tensor  # [B, T]
     mask: torch.Tensor  # [B, T-1] 1 on response tokens
     behaviour: torch.Tensor  # [B, T-1] behaviour logprobs (0 where missing)
-    has_behaviour: torch.Tensor  # [B] bool
-    advantages: torch.Tensor  # [B]
+    has_behaviour: torch.Tensor  # [B, T-1] bool: the token's behaviour logprob is known
+    advantages: torch.Tensor  # [B, T-1] the advantage of the transition each response token belongs to
+
+
+def pack_rows(rows: Sequence[Row], behaviour: Sequence[Sequence[float] | None], adv: torch.Tensor, pad_id: int,
+              device: torch.device) -> Packed:
+    """Right-padded rows; each row's response spans take the behaviour logprobs and advantage of their transition.
+
+    ``behaviour`` and ``adv`` are indexed by the spans' sample index."""
+    width = max(len(r.ids) for r in rows)
+    n = len(rows)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, width), dtype=torch.long)
+    mask = torch.zeros((n, width - 1), dtype=torch.float32)
+    mu = torch.zeros((n, width - 1), dtype=torch.float32)
+    has = torch.zeros((n, width - 1), dtype=torch.bool)
+    a = torch.zeros((n, width - 1), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        ids[i, : len(row.ids)] = torch.tensor(row.ids)
+        attn[i, : len(row.ids)] = 1
+        for start, end, s in row.spans:
+            span = slice(start - 1, end - 1)  # position t predicts token t+1
+            mask[i, span] = 1.0
+            a[i, span] = float(adv[s])
+            b = behaviour[s]
+            if b is not None:
+                mu[i, span] = torch.tensor(list(b))
+                has[i, span] = True
+    return Packed(ids.to(device), attn.to(device), mask.to(device), mu.to(device), has.to(device), a.to(device))
 
 
 def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
          behaviour: Sequence[Sequence[float] | None], adv: torch.Tensor, pad_id: int,
          device: torch.device) -> Packed:
-    """Right-padded input ids and masks for prompt+response rows."""
-    rows = len(prompts)
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
-    ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((rows, width), dtype=torch.long)
-    mask = torch.zeros((rows, width - 1), dtype=torch.float32)
-    mu = torch.zeros((rows, width - 1), dtype=torch.float32)
-    has = torch.zeros(rows, dtype=torch.bool)
-    for i, (p, r, b) in enumerate(zip(prompts, responses, behaviour, strict=True)):
-        n, m = len(p), len(r)
-        ids[i, : n + m] = torch.tensor(list(p) + list(r))
-        attn[i, : n + m] = 1
-        mask[i, n - 1: n + m - 1] = 1.0
-        if b is not None:
-            mu[i, n - 1: n + m - 1] = torch.tensor(list(b))
-            has[i] = True
-    return Packed(ids.to(device), attn.to(device), mask.to(device), mu.to(device), has.to(device), adv.to(device))
+    """Right-padded input ids and masks for prompt+response rows, one row per transition."""
+    rows = [Row(list(p) + list(r), [(len(p), len(p) + len(r), i)])
+            for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
+    return pack_rows(rows, behaviour, adv, pad_id, device)
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -132,8 +147,8 @@ def policy_loss(logp: torch.Tensor, batch: Packed, correction: Correction, clip_
     mask = batch.mask
     detached = logp.detach()
     # Rows without behaviour logprobs: on-policy, mu = pi (detached).
-    mu = torch.where(batch.has_behaviour[:, None], batch.behaviour, detached)
-    adv = batch.advantages[:, None].expand_as(logp)
+    mu = torch.where(batch.has_behaviour, batch.behaviour, detached)
+    adv = batch.advantages
     lo, hi = 1.0 - clip_eps, 1.0 + clip_eps
     if correction == "ppo":
         ratio = torch.exp(logp - mu)

@@ -7,8 +7,10 @@ The loop, top to bottom:
    resume offsets, to which the consumer is seeked when its partitions are assigned.
 2. Read the policy's transitions (``read_committed``), group them by ``group_id``, drop stale ones,
    and form a batch of whole groups (``batches.py``).
-3. Compute advantages for the whole batch, then (``Learner.step``) the clipped importance-corrected
-   token loss (``loss.py``) in micro-batches; clip the gradient; AdamW step.
+3. Compute advantages for the whole batch, lay a rollout's calls out as one sequence where each
+   prompt extends the last prompt + response token for token (``merge.py``; ``--no-merge-turns``: one
+   row per call), then (``Learner.step``) the clipped importance-corrected token loss (``loss.py``)
+   in micro-batches of rows; clip the gradient; AdamW step.
 4. Every ``checkpoint_every`` steps: write the checkpoint to S3 (meta.json last), commit the resume
    offsets to the consumer group, register the checkpoint as a new MLflow model version and move
    the alias, and publish a PolicyUpdate (``checkpointer.py``, in that order; ``checkpoint.py`` has the
@@ -59,7 +61,8 @@ from rollstream.trainer.batches import Batch, TransitionReader
 from rollstream.trainer.checkpoint import OPTIMIZER, STATE, CheckpointStore, Retry, Tracker
 from rollstream.trainer.checkpointer import Checkpointer
 from rollstream.trainer.config import TrainConfig, parse_config
-from rollstream.trainer.loss import LossStats, advantages, pack, policy_loss, token_logprobs
+from rollstream.trainer.loss import LossStats, advantages, pack_rows, policy_loss, token_logprobs
+from rollstream.trainer.merge import Row, merged_rows, single_rows
 from rollstream.trainer.model import load_policy, load_reference, local_model_dir
 
 log = logging.getLogger(__name__)
@@ -105,28 +108,28 @@ class Learner:
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         self.pad_id = int(getattr(self.model.config, "pad_token_id", None) or 0)
 
-    def step(self, batch: Batch, adv: torch.Tensor) -> tuple[float, LossStats, float]:
-        """One gradient step on the batch with these advantages: (loss, its statistics, the gradient norm).
+    def step(self, batch: Batch, adv: torch.Tensor, rows: list[Row]) -> tuple[float, LossStats, float]:
+        """One gradient step on the batch's rows with these advantages: (loss, its statistics, the gradient norm).
 
-        Every rank takes a disjoint shard; the loss is normalized by the whole batch's response tokens
-        and scaled by the world size, so DDP's gradient average equals the single-process gradient."""
+        Every rank takes a disjoint shard of the rows; the loss is normalized by the whole batch's response
+        tokens and scaled by the world size, so DDP's gradient average equals the single-process gradient."""
         config, net, world, amp = self.config, self.net, self.world, self.amp
         samples = batch.samples
-        shard = list(range(self.rank, len(samples), world))
+        behaviour = [s.behaviour_logprobs for s in samples]
+        shard = rows[self.rank::world]
         normalizer = sum(len(s.response_ids) for s in samples) / world
         self.optimizer.zero_grad(set_to_none=True)
         stats, loss_sum = LossStats(), 0.0
         chunks = [shard[i: i + config.micro_batch_size] for i in range(0, len(shard), config.micro_batch_size)]
-        for i, rows in enumerate(chunks or [[]]):
+        for i, chunk in enumerate(chunks or [[]]):
             sync = net.no_sync() if world > 1 and i < len(chunks) - 1 else nullcontext()
             with sync:
-                if not rows:  # this rank has no rows: a zero loss keeps DDP's all-reduce in step
+                if not chunk:  # this rank has no rows: a zero loss keeps DDP's all-reduce in step
                     with amp:
                         dummy = net(input_ids=torch.full((1, 1), self.pad_id, device=self.device), use_cache=False)
                     (dummy.logits.float().sum() * 0.0).backward()
                     continue
-                packed = pack([samples[r].prompt_ids for r in rows], [samples[r].response_ids for r in rows],
-                              [samples[r].behaviour_logprobs for r in rows], adv[rows], self.pad_id, self.device)
+                packed = pack_rows(chunk, behaviour, adv, self.pad_id, self.device)
                 with amp:
                     logits = net(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
                                  use_cache=False).logits
@@ -278,7 +281,8 @@ def train(config: TrainConfig, connection: ConnectionSettings | None = None,
                 mean = sum(returns) / len(returns)
                 baseline = mean if baseline is None else config.baseline_decay * baseline + (
                     1 - config.baseline_decay) * mean
-            loss_sum, stats, grad_norm = learner.step(batch, adv)
+            rows = merged_rows(samples) if config.merge_turns else single_rows(samples)
+            loss_sum, stats, grad_norm = learner.step(batch, adv, rows)
             consumed[str(step)] = [s.transition_id for s in samples]
             now = time.perf_counter()
             if reader is not None:
@@ -295,7 +299,8 @@ def train(config: TrainConfig, connection: ConnectionSettings | None = None,
                     "is_truncated_fraction": stats.truncated / tokens, "behaviour_ratio_mean": stats.ratio / tokens,
                     "kl": stats.kl / tokens, "staleness_mean": sum(lags) / len(lags), "staleness_max": float(max(lags)),
                     "grad_norm": grad_norm, "batch_transitions": float(len(samples)),
-                    "batch_tokens": float(batch.tokens),
+                    "batch_tokens": float(batch.tokens), "batch_rows": float(len(rows)),
+                    "trained_tokens": float(sum(len(r.ids) for r in rows)),
                     "step_seconds": now - started, "tokens_per_s": batch.tokens / max(now - last_end, 1e-9),
                     "policy_version": float(version),
                     **{f"count_{k}": float(v) for k, v in reader.counts.items()},
@@ -312,6 +317,8 @@ def train(config: TrainConfig, connection: ConnectionSettings | None = None,
                                 lag=int(metrics.get("consumer_lag", 0)))
                 result.timings.setdefault("step_s", []).append(now - started)
                 result.timings.setdefault("step_tokens", []).append(float(batch.tokens))
+                result.timings.setdefault("step_trained_tokens", []).append(float(metrics["trained_tokens"]))
+                result.timings.setdefault("step_rollouts", []).append(float(len({s.rollout_key for s in samples})))
             if step % config.checkpoint_every == 0:
                 checkpoint()
             last_end = time.perf_counter()

@@ -27,7 +27,9 @@ def test_pack_masks_response_tokens_only() -> None:
                   torch.device("cpu"))
     assert packed.input_ids.tolist() == [[1, 2, 3, 5, 6], [4, 7, 8, 9, 0]]
     assert packed.mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
-    assert packed.behaviour[0].tolist() == [0, 0, -1.0, -2.0] and packed.has_behaviour.tolist() == [True, False]
+    assert packed.behaviour[0].tolist() == [0, 0, -1.0, -2.0]
+    assert packed.has_behaviour.tolist() == [[False, False, True, True], [False, False, False, False]]
+    assert packed.advantages.tolist() == [[0, 0, 1.0, 1.0], [-1.0, -1.0, -1.0, 0]]
 
 
 @pytest.mark.parametrize("correction", ["ppo", "decoupled", "tis"])
