@@ -37,6 +37,11 @@ The backend's ``X-Policy-Version`` header reaches the client on every model rout
 
 A full queue is handled in both modes alike: 503 ``event_queue_full``, or served and counted
 (``ROLLSTREAM_GATEWAY_ON_FULL``).
+
+Redaction (``ROLLSTREAM_REDACT*``, ``--redact``; ``redact``, docs/redaction.md): every model request is
+redacted before it is forwarded, so the backend never sees the raw text and the captured prompt token
+ids are the redacted text's; the answer reaches the client as the model gave it, and its event is
+redacted with its response token ids dropped where its text matched.
 """
 
 from __future__ import annotations
@@ -71,6 +76,13 @@ from rollstream.producers.metrics import GatewayMetrics
 from rollstream.producers.model_names import ModelMap
 from rollstream.producers.proxy import Attribution, ModelProxy, OnFull
 from rollstream.producers.publisher import LINGER_MS, Acks, Delivery, KafkaPublisher, Publisher, acknowledgement
+from rollstream.producers.redact import (
+    RedactionError,
+    RedactionSettings,
+    Redactor,
+    redaction_flags,
+    settings_from_flags,
+)
 from rollstream.schemas.topics import Topics
 from rollstream.settings import ConnectionSettings, env, env_float, env_int
 
@@ -102,6 +114,7 @@ class GatewaySettings:
     model_map: str = field(default_factory=lambda: env("GATEWAY_MODEL_MAP"))
     record_unattributed: bool = field(
         default_factory=lambda: env("GATEWAY_RECORD_UNATTRIBUTED") not in ("0", "false", "no", ""))
+    redaction: RedactionSettings = field(default_factory=RedactionSettings)
 
     def __post_init__(self) -> None:
         if self.on_full not in get_args(OnFull):
@@ -186,6 +199,8 @@ class Gateway:
         self.topics = topics
         self.metrics = metrics or GatewayMetrics()
         self.keys = KeyRing.from_text(settings.api_keys)
+        self.redactor = Redactor.from_settings(settings.redaction, surface="gateway",
+                                               counters=self.metrics.redactions)
         self.proxy = ModelProxy(
             settings.backend_url, publisher, self.metrics, topics.calls,
             responses_topic=topics.calls_by_response if settings.record_unattributed else None,
@@ -194,7 +209,7 @@ class Gateway:
             connections=settings.backend_connections, on_full=settings.on_full, policy=settings.policy,
             policy_version=settings.policy_version, max_body=settings.max_body, acks=settings.acks,
             ack_timeout=settings.ack_timeout, body_timeout=settings.body_timeout,
-            model_map=ModelMap.parse(settings.model_map),
+            model_map=ModelMap.parse(settings.model_map), redactor=self.redactor,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -312,6 +327,10 @@ class Gateway:
     def _publish(self, topic: str, record: dict[str, Any], endpoint: str) -> Delivery:
         # Rollout and reward events are never dropped silently, whatever --on-full says.
         try:
+            self.redactor.record(record)
+        except RedactionError as exc:  # fail closed: nothing unredacted is published
+            raise HttpError(500, f"the event cannot be recorded: {exc}", code="redaction_failed") from exc
+        try:
             delivery = self.publisher.publish(topic, record["rollout_id"], [record])
         except SerializationError as exc:  # e.g. text with unpaired surrogates (\ud800), which JSON allows
             raise HttpError(422, f"the event cannot be recorded: {exc}", code="invalid_field") from exc
@@ -358,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for more of a request body (408 past it; ROLLSTREAM_GATEWAY_BODY_TIMEOUT)")
     p.add_argument("--model-map", help="client=backend model names, '*' for the backend's model "
                                         "(ROLLSTREAM_GATEWAY_MODEL_MAP)")
+    redaction_flags(p)
     p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers (ROLLSTREAM_KAFKA_BOOTSTRAP)")
     p.add_argument("--schema-registry-url", help="schema registry URL (ROLLSTREAM_SCHEMA_REGISTRY_URL)")
     p.add_argument("--topic-prefix", help="topic prefix (ROLLSTREAM_TOPIC_PREFIX)")
@@ -381,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = GatewaySettings(**_overrides(args, [
             "host", "port", "backend_url", "policy", "policy_version", "queue_max", "on_full", "backend_timeout",
-            "acks", "ack_timeout", "body_timeout", "model_map"]))
+            "acks", "ack_timeout", "body_timeout", "model_map"]), redaction=settings_from_flags(args))
         conn = dataclasses.replace(ConnectionSettings(), **_overrides(
             args, ["kafka_bootstrap", "schema_registry_url", "topic_prefix"]))
         guard_unauthenticated(KeyRing.from_text(settings.api_keys), settings.host, "gateway",
@@ -397,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
              "rollout %s)", settings.host, settings.port, settings.backend_url, codec.topics.prefix, settings.queue_max,
              settings.on_full, "Kafka acknowledged" if settings.acks == "kafka" else "queued",
              f"to {codec.topics.calls_by_response}" if settings.record_unattributed else "not recorded")
+    if app.redactor.active:
+        log.info("redacting captured text: %s", ", ".join(app.redactor.rule_names))
     config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
                             lifespan="on", access_log=False, log_level="warning", timeout_keep_alive=75)
     try:

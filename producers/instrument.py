@@ -17,6 +17,10 @@ The agent's thread only takes a snapshot of the response (references, no copies 
 parts, and the captured extras removed from the object it returns) and enqueues a job; the
 background thread converts it into records and encodes them. Calls outside a rollout, and
 ``with_raw_response`` / ``with_streaming_response`` / ``with_options`` clients, are not recorded.
+
+With redaction on (``rollstream.producers.redact``), a call in a rollout is sent with its messages,
+prompt and tools redacted (the caller's own objects are not changed): the model never sees the raw
+text and the engine's prompt token ids are those of the redacted text.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class _Capture:
 
     def __init__(self, rollout: Rollout, endpoint: Endpoint, kwargs: dict[str, Any], token_ids: bool | None) -> None:
         self.rollout = rollout
+        kwargs = rollout.client.redactor.request(kwargs)  # a new dict when anything was redacted
         extra_body = kwargs.get("extra_body") or {}
         request = {k: v for k, v in kwargs.items() if k not in NOT_SENT}
         request.update(extra_body)

@@ -1,8 +1,10 @@
-"""The gateway's Prometheus metrics, in a registry of its own (served at ``/metrics``)."""
+"""The gateway's Prometheus metrics, in a registry of its own (served at ``/metrics``), and the redaction counters."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import threading
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -34,7 +36,7 @@ class GatewayMetrics:
         self.events_dropped = Counter(
             "rollstream_gateway_events_dropped",
             "Events not recorded, by reason (queue_full, encode_error, client_disconnected, incomplete, "
-            "no_response_id).",
+            "no_response_id, redaction_error).",
             ["reason"], registry=r,
         )
         self.queue_depth = Gauge(
@@ -61,6 +63,32 @@ class GatewayMetrics:
         self.backend_errors = Counter(
             "rollstream_gateway_backend_errors", "Backend failures (502/504), by kind.", ["kind"], registry=r
         )
+        self.redactions = redaction_counters(r)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))
+
+
+def redaction_counters(registry: CollectorRegistry) -> tuple[Counter, Counter]:
+    """Replacements made by redaction (per rule and surface) and token-id drops (per side and surface)."""
+    return (
+        Counter("rollstream_redactions", "Matches replaced by redaction before publishing, by rule (a built-in, "
+                "a ROLLSTREAM_REDACT_PATTERNS name, or hook) and surface (gateway, otlp, sdk).",
+                ["rule", "surface"], registry=registry),
+        Counter("rollstream_redaction_tokens_dropped", "LlmCalls whose prompt or response token ids were dropped "
+                "because the text they encode was redacted on the event, by side and surface.",
+                ["side", "surface"], registry=registry),
+    )
+
+
+_process_counters: tuple[Counter, Counter] | None = None
+_process_lock = threading.Lock()
+
+
+def process_redaction_counters() -> tuple[Counter, Counter]:
+    """The redaction counters of an SDK process, in prometheus_client's default registry (created once)."""
+    global _process_counters
+    with _process_lock:
+        if _process_counters is None:
+            _process_counters = redaction_counters(REGISTRY)
+        return _process_counters

@@ -18,6 +18,11 @@ With ``ROLLSTREAM_OTLP_API_KEYS`` set, ``POST /v1/traces`` needs ``Authorization
 with the ``traces`` scope (401 without a known key, 403 without the scope; see
 ``rollstream.producers.auth``; exporters send it with ``OTEL_EXPORTER_OTLP_HEADERS``). Without
 keys the receiver binds loopback only.
+
+Redaction (``ROLLSTREAM_REDACT*``, ``--redact``; docs/redaction.md): spans arrive after the fact, so the
+events mapped from them are redacted before they are published, token ids carried by a span dropped
+where its text changed; token ids from the gateway's record are taken only where that record's own
+text passes the same rules. A failing hook answers 500 and publishes nothing of the export.
 """
 
 from __future__ import annotations
@@ -55,7 +60,15 @@ from rollstream.producers.genai import (
     remap,
 )
 from rollstream.producers.http import HttpError, Receive, Scope, Send, header, read_body, respond
+from rollstream.producers.metrics import redaction_counters
 from rollstream.producers.proxy import RolloutTracker
+from rollstream.producers.redact import (
+    RedactionError,
+    RedactionSettings,
+    Redactor,
+    redaction_flags,
+    settings_from_flags,
+)
 from rollstream.producers.response_index import ResponseIndex
 from rollstream.schemas.topics import Topics
 from rollstream.settings import ConnectionSettings, env, env_float, env_int
@@ -80,6 +93,7 @@ class OtlpSettings:
     join_wait: float = field(default_factory=lambda: env_float("OTLP_JOIN_WAIT"))
     hold: float = field(default_factory=lambda: env_float("OTLP_HOLD"))
     gateway_join: bool = field(default_factory=lambda: env("OTLP_GATEWAY_JOIN") not in ("0", "false", ""))
+    redaction: RedactionSettings = field(default_factory=RedactionSettings)
 
     def __post_init__(self) -> None:
         for name in ("queue_max", "max_body"):
@@ -127,6 +141,7 @@ class OtlpMetrics:
             ["result"], registry=r)
         self.failed = Gauge("rollstream_otlp_events_failed", "Events that could not be published (since start).",
                             registry=r)
+        self.redactions = redaction_counters(r)
 
     def watch(self, emitter: EventEmitter) -> None:
         self.queue_depth.set_function(emitter.pending)
@@ -167,6 +182,7 @@ class OtlpReceiver:
         self._gateway_silent = False  # a whole wait found nothing and the index is still empty
         self.trace_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # a trace's exports publish in arrival order
         self.keys = KeyRing.from_text(settings.api_keys, "ROLLSTREAM_OTLP_API_KEYS", OTLP_SCOPES)
+        self.redactor = Redactor.from_settings(settings.redaction, surface="otlp", counters=self.metrics.redactions)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -246,6 +262,12 @@ class OtlpReceiver:
         mapped = map_request(request, self.settings.policy, self.cache)
         if mapped.empty_spans and self.settings.join_wait > 0 and await self._content(mapped.empty_spans, deadline):
             mapped = remap(mapped, self.settings.policy, self.cache)  # again, with the log events now here
+        try:
+            for record in (*mapped.calls, *mapped.rewards, *mapped.rollouts):
+                self.redactor.record(record)
+        except RedactionError as exc:  # fail closed: nothing of this export is published
+            log.error("refused an export: %s", exc)
+            return 500, status_body(protobuf, GRPC_INTERNAL, str(exc)), ctype
         await self._join(mapped.calls, deadline)
         self._sequence(mapped.calls)
         items: list[tuple[str, str, Payload]] = [(self.topics.calls, c["rollout_id"], c) for c in mapped.calls]
@@ -322,11 +344,23 @@ class OtlpReceiver:
                 self.metrics.joined.labels("missing").inc()
                 continue
             self.metrics.joined.labels("gateway").inc()
-            call.update(prompt_token_ids=record["prompt_token_ids"], response_token_ids=record["response_token_ids"],
-                        response_logprobs=record["response_logprobs"], policy=record["policy"] or call["policy"],
+            # The gateway's token ids encode the gateway's text: not taken where that text holds what is redacted here.
+            leaky = self._leaky(record)
+            call.update(prompt_token_ids=None if "prompt" in leaky else record["prompt_token_ids"],
+                        response_token_ids=None if "response" in leaky else record["response_token_ids"],
+                        response_logprobs=None if "response" in leaky else record["response_logprobs"],
+                        policy=record["policy"] or call["policy"],
                         policy_version=record["policy_version"] or call["policy_version"])
+            if leaky:
+                call["metadata"]["redacted_tokens"] = ",".join(sorted(leaky))
             call["metadata"]["tokens_from"] = "gateway"
             call["metadata"]["gateway_call_id"] = str(record["call_id"])
+
+    def _leaky(self, record: dict[str, Any]) -> set[str]:
+        try:
+            return self.redactor.leaky_sides(record)
+        except RedactionError:
+            return {"prompt", "response"}  # cannot tell: take none of its token ids
 
     def _logs(self, request: Any) -> None:
         """Keep each GenAI log event for the span it was emitted in (by trace and span id)."""
@@ -383,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="listen port (ROLLSTREAM_OTLP_PORT, default 4318)")
     p.add_argument("--policy", help="policy recorded on calls whose spans name none (ROLLSTREAM_OTLP_POLICY)")
     p.add_argument("--queue-max", type=int, help="events held in memory while Kafka is unavailable")
+    redaction_flags(p)
     p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers (ROLLSTREAM_KAFKA_BOOTSTRAP)")
     p.add_argument("--schema-registry-url", help="schema registry URL (ROLLSTREAM_SCHEMA_REGISTRY_URL)")
     p.add_argument("--topic-prefix", help="topic prefix (ROLLSTREAM_TOPIC_PREFIX)")
@@ -399,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = ("host", "port", "policy", "queue_max")
     try:
-        settings = OtlpSettings(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+        settings = OtlpSettings(**{n: getattr(args, n) for n in names if getattr(args, n) is not None},
+                                redaction=settings_from_flags(args))
         conn = dataclasses.replace(ConnectionSettings(), **{
             n: getattr(args, n) for n in ("kafka_bootstrap", "schema_registry_url", "topic_prefix")
             if getattr(args, n) is not None})
@@ -417,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     app = OtlpReceiver(settings, emitter, codec.topics, index=index)
     log.info("OTLP receiver on http://%s:%d/v1/traces; events to %s* (queue %d)", settings.host, settings.port,
              codec.topics.prefix, settings.queue_max)
+    if app.redactor.active:
+        log.info("redacting captured text: %s", ", ".join(app.redactor.rule_names))
     config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on", access_log=False,
                             log_level="warning")
     # uvicorn re-raises the signal that stopped it once it has shut down; with this handler in

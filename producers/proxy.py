@@ -25,6 +25,9 @@ carries ``X-Rollstream-Recorded: pending`` (or ``failed``) and a stream gets the
 ignore comments. Each such answer counts in ``rollstream_gateway_unacknowledged_total``. A
 pending event stays queued and is delivered when Kafka can take it. With ``acks="queued"``
 nothing waits.
+
+With a ``redactor`` (``redact``), every request is redacted before it is forwarded (recorded or not,
+so the model's view never depends on recording), and every event before it is published.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from rollstream.producers.messages import MessagesCall
 from rollstream.producers.metrics import GatewayMetrics
 from rollstream.producers.model_names import BACKEND_MODEL, ModelMap
 from rollstream.producers.publisher import Acks, Delivery, Publisher, Recorded, acknowledgement
+from rollstream.producers.redact import RedactionError, Redactor
 from rollstream.producers.responses import ResponsesCall
 
 log = logging.getLogger(__name__)
@@ -164,6 +168,7 @@ class ModelProxy:
         ack_timeout: float = 10.0,
         body_timeout: float = 30.0,
         model_map: ModelMap | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self.backend_url = backend_url.rstrip("/")
         self.publisher = publisher
@@ -183,6 +188,7 @@ class ModelProxy:
         self.body_timeout = body_timeout
         self.tracker = RolloutTracker()
         self.model_map = model_map or ModelMap()
+        self.redactor = redactor or Redactor()  # no rules: inactive
         self._backend_model: str | None = None
         self._backend_model_retry = 0.0
         self._backend_model_lock = asyncio.Lock()
@@ -337,11 +343,12 @@ class ModelProxy:
             self.metrics.unattributed.inc()
         body = self._recordable(raw) if who is None and translate is None else _json_object(raw)
         if body is None:
-            await self._relay(suffix, await self._renamed(raw), send)
+            await self._relay(suffix, await self._renamed(self._redacted_raw(raw)), send)
             return
         dialect = translate(body) if translate is not None else None
         if dialect is not None:
             body = dialect.chat
+        body = self._redacted(body)  # before the backend sees it: its prompt token ids are of the redacted text
         request = dict(body)  # as recorded: with the client's model name
         await self._rename(body)
         record = who is not None or self.responses_topic is not None
@@ -373,6 +380,26 @@ class ModelProxy:
                 await self._stream(resp, send, answer)
             else:
                 await self._whole(await self._read(resp), send, answer)
+
+    def _redacted(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The request as the backend may see it; a failing redaction hook forwards nothing (500)."""
+        try:
+            return self.redactor.request(body)
+        except RedactionError as exc:
+            raise HttpError(500, f"the request was not forwarded: {exc}", code="redaction_failed") from exc
+
+    def _redacted_raw(self, raw: bytes) -> bytes:
+        """A body relayed unparsed, redacted when redaction is on (unchanged bytes when nothing matched)."""
+        if not self.redactor.active:
+            return raw
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw  # the backend says what is wrong with it
+        if not isinstance(body, dict):
+            return raw
+        redacted = self._redacted(body)
+        return raw if redacted is body else orjson.dumps(redacted)
 
     def _has_room(self, n: int, who: Attribution | None) -> bool:
         if who is None and self.unattributed_depth is not None and self.publisher.depth() + n > self.unattributed_depth:
@@ -446,6 +473,12 @@ class ModelProxy:
 
     def _publish(self, topic: str, events: list[dict[str, Any]], key: str) -> Delivery | None:
         """The events' Delivery; None when the queue is full."""
+        try:
+            events = [self.redactor.record(e) for e in events]
+        except RedactionError:
+            log.exception("could not redact the LlmCall events keyed %r; not recorded", key)
+            self.metrics.events_dropped.labels("redaction_error").inc(len(events))
+            return Delivery.settled("redaction failed")  # fail closed; the client still gets its answer
         try:
             delivery = self.publisher.publish(topic, key, events)
         except SerializationError as exc:

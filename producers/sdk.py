@@ -18,6 +18,10 @@ The current rollout lives in a ``contextvars.ContextVar``: asyncio tasks (and
 ``asyncio.to_thread``) inherit it, so concurrent rollouts in one process never mix. A new
 ``threading.Thread`` or a ``ThreadPoolExecutor`` worker does not inherit context: start it
 with ``contextvars.copy_context().run`` as the target, or wrap the function with ``bind(fn)``.
+
+Redaction (``ROLLSTREAM_REDACT*``, or ``Client(redact=fn)`` with a ``text -> text`` function or a
+``Redactor``; docs/redaction.md): the instrumented client redacts a call's request before it is sent
+to the model, and every event is redacted on the background thread before it is encoded.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from rollstream.errors import ConfigError, InvalidEventError, ProducerError
 from rollstream.events import DeliveryError
 from rollstream.producers import api
 from rollstream.producers.emitter import EventEmitter, OnFull, Payload
+from rollstream.producers.metrics import process_redaction_counters
+from rollstream.producers.redact import Hook, RedactionSettings, Redactor
 from rollstream.schemas import schema_text
 from rollstream.schemas.codec import EventCodec, register, registry_client
 from rollstream.schemas.topics import Topics
@@ -68,6 +74,7 @@ class SdkSettings:
     flush_on_finish: bool = field(default_factory=lambda: env("SDK_FLUSH_ON_FINISH") not in ("0", "false", ""))
     delivery_timeout_ms: int = field(default_factory=lambda: env_int("SDK_DELIVERY_TIMEOUT_MS"))
     token_ids: bool = field(default_factory=lambda: env("SDK_TOKEN_IDS") not in ("0", "false", ""))
+    redaction: RedactionSettings = field(default_factory=RedactionSettings)
 
     def __post_init__(self) -> None:
         if self.on_full not in get_args(OnFull):
@@ -121,9 +128,13 @@ class Client:
         topics: Topics | None = None,
         emitter: EventEmitter | None = None,
         register_schemas: bool = True,
+        redact: Redactor | Hook | None = None,
     ) -> None:
         self.settings = settings or ConnectionSettings()
         self.sdk = sdk or SdkSettings()
+        # ``redact``: a Redactor used as it is, or a function run after the rules of ROLLSTREAM_REDACT*.
+        self.redactor = redact if isinstance(redact, Redactor) else Redactor.from_settings(
+            self.sdk.redaction, surface="sdk", counters=process_redaction_counters(), hook=redact)
         self.topics = topics or Topics.from_settings(self.settings)
         if emitter is None:
             codec = EventCodec(registry_client(self.settings), self.topics)
@@ -192,6 +203,8 @@ class Client:
 
     def publish(self, topic: str, key: str, payload: Payload) -> int:
         """Enqueue a record (or a function building records) for ``topic``; never waits for the network."""
+        if self.redactor.active:
+            payload = _redacting(self.redactor, payload)
         return self.emitter.submit(topic, key, payload)
 
     def flush(self, timeout: float | None = None) -> None:
@@ -321,6 +334,17 @@ class Rollout:
         if self._exit(exc):
             # Wait for Kafka off the event loop; the context (and so no rollout) is irrelevant there.
             await asyncio.to_thread(self._flush, exc)
+
+
+def _redacting(redactor: Redactor, payload: Payload) -> Payload:
+    """``payload`` as a builder whose records are redacted on the background thread (a failing hook: the
+    job fails like an unencodable event, reported by ``flush``, and nothing of it is published)."""
+
+    def build() -> list[dict[str, Any]]:
+        records = payload() if callable(payload) else [payload]
+        return [redactor.record(r) for r in records]
+
+    return build
 
 
 def with_rollout(rollout: Rollout, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:

@@ -124,6 +124,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
     ),
     "OTLP_API_KEYS": ("", "OTLP receiver keys: 'key=traces,key2'; empty: no auth, loopback only."),
     "VLLM_ENV": ("~/.cache/rollstream/vllm-env", "vLLM's own environment (scripts/setup-vllm.sh): rollstream vllm."),
+    # --- redaction at capture (gateway, otlp, sdk; docs/redaction.md) ---
+    "REDACT": ("", "Redact captured text before it is published: comma-separated rules (email, phone, api_key, "
+                   "aws_key, bearer), all, or empty/none (off)."),
+    "REDACT_PATTERNS": ("", "More redaction rules: JSON object {\"name\": \"regex\"} or one name=regex per line."),
+    "REDACT_HOOK": ("", "Python function (module:function, text -> text) that rewrites captured text after the rules."),
     # --- serving (rollstream serve) ---
     "SERVE_HOST": ("127.0.0.1", "Address the policy server (rollstream serve) listens on."),
     "SERVE_PORT": ("8000", "Port the policy server listens on."),

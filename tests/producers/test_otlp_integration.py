@@ -54,15 +54,14 @@ class Receiver:
             return str(resp.read().decode())
 
 
-@pytest.fixture
-def receiver(settings: ConnectionSettings, topics: Topics, tmp_path: Path) -> Iterator[Receiver]:
+def start_receiver(settings: ConnectionSettings, topics: Topics, log: Path, args: tuple[str, ...] = ()) -> Receiver:
+    """``rollstream otlp`` in a subprocess on a free port, healthy."""
     port = _free_port()
-    log = tmp_path / "otlp.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "rollstream.cli", "otlp", "--port", str(port), "--policy", "otlp-default",
              "--kafka-bootstrap", settings.kafka_bootstrap, "--schema-registry-url", settings.schema_registry_url,
-             "--topic-prefix", topics.prefix],
+             "--topic-prefix", topics.prefix, *args],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "ROLLSTREAM_PARTITIONS": str(topics.partitions)},
         )
     rec = Receiver(port, proc, log)
@@ -70,15 +69,24 @@ def receiver(settings: ConnectionSettings, topics: Topics, tmp_path: Path) -> It
     while True:
         try:
             urllib.request.urlopen(rec.url + "/healthz", timeout=1).close()
-            break
+            return rec
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail(f"rollstream otlp did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
+
+
+def stop_receiver(rec: Receiver) -> None:
+    rec.proc.terminate()
+    assert rec.proc.wait(timeout=30) == 0, rec.log.read_text()[-3000:]
+
+
+@pytest.fixture
+def receiver(settings: ConnectionSettings, topics: Topics, tmp_path: Path) -> Iterator[Receiver]:
+    rec = start_receiver(settings, topics, tmp_path / "otlp.log")
     yield rec
-    proc.terminate()
-    assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+    stop_receiver(rec)
 
 
 def _read(codec: EventCodec, topics: list[str], count: int, settings: ConnectionSettings) -> list[Received]:
