@@ -75,6 +75,8 @@ DELEGATED = {
     "process": ("rollstream.stream_processors.worker", "the stream processor: calls + rewards -> transitions"),
     "train": ("rollstream.trainer.train", "the continuous policy-gradient trainer"),
     "demo": ("rollstream.demo.main", "the closed loop on a calculator task: agents, stream, trainer, hot reload"),
+    "export": ("rollstream.export", "transitions and whole rollouts of a time or policy-version range to Parquet"),
+    "ui": ("rollstream.ui.app", "the rollout viewer: a web page of rollouts, calls, rewards, curves, dead letters"),
 }
 
 

@@ -90,3 +90,7 @@ class BadInputError(ProcessorError):
         super().__init__(reason)
         self.error_type = error_type
         self.reason = reason
+
+
+class ExportError(RollstreamError):
+    """An export cannot read its topics or write its files."""

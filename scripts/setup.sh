@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Rollstream and its tests need, idempotently:
 #   .venv with the package (Python 3.11), the Node packages of the interoperability test,
-#   and docker-compose (to validate infra/docker-compose.yml offline).
+#   docker-compose (to validate infra/docker-compose.yml offline), and chromium + chromedriver
+#   (the rollout viewer's browser test).
 # The local stack's services download on first `rollstream stack up` (into ~/.cache/rollstream).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +37,7 @@ fi
 say "installing the Python package, the model stack and the test tools into .venv"
 # --no-cache-dir: the wheels are not kept a second time (3 GiB); .venv is what a rerun reuses.
 .venv/bin/python -m pip install -q --no-cache-dir --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --no-cache-dir --disable-pip-version-check -e ".[dev,ml]"
+.venv/bin/python -m pip install -q --no-cache-dir --disable-pip-version-check -e ".[dev,ml,export]"
 
 if ! command -v docker-compose >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -44,6 +45,17 @@ if ! command -v docker-compose >/dev/null 2>&1; then
     apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null
   else
     echo "setup: docker-compose is missing; install it (Debian: apt-get install -y docker-compose)" >&2
+    exit 1
+  fi
+fi
+
+# The rollout viewer's browser test (tests/ui) drives a headless Chromium through chromedriver.
+if ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing chromium and chromium-driver (the rollout viewer's browser test)"
+    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null
+  else
+    echo "setup: chromium and chromedriver are missing; install them (Debian: apt-get install -y chromium chromium-driver)" >&2
     exit 1
   fi
 fi
