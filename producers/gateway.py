@@ -47,11 +47,10 @@ redacted with its response token ids dropped where its text matched.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, cast, get_args
+from typing import Any, get_args
 
 import orjson
 
@@ -84,7 +83,7 @@ from rollstream.producers.redact import (
     settings_from_flags,
 )
 from rollstream.schemas.topics import Topics
-from rollstream.settings import ConnectionSettings, env, env_float, env_int
+from rollstream.settings import ConnectionSettings, Settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -93,36 +92,29 @@ MODEL_ROUTES = {"chat/completions": "CHAT_COMPLETIONS", "completions": "COMPLETI
 
 
 @dataclass(frozen=True)
-class GatewaySettings:
+class GatewaySettings(Settings):
     """How the gateway listens, where it forwards, when it answers, and how it treats a full event queue."""
 
-    host: str = field(default_factory=lambda: env("GATEWAY_HOST"))
-    port: int = field(default_factory=lambda: env_int("GATEWAY_PORT"))
-    backend_url: str = field(default_factory=lambda: env("GATEWAY_BACKEND_URL"))
-    backend_api_key: str = field(default_factory=lambda: env("GATEWAY_BACKEND_API_KEY"), repr=False)
-    backend_timeout: int = field(default_factory=lambda: env_int("GATEWAY_BACKEND_TIMEOUT"))
-    backend_connections: int = field(default_factory=lambda: env_int("GATEWAY_BACKEND_CONNECTIONS"))
-    api_keys: str = field(default_factory=lambda: env("GATEWAY_API_KEYS"), repr=False)
-    policy: str = field(default_factory=lambda: env("GATEWAY_POLICY"))
-    policy_version: int = field(default_factory=lambda: env_int("GATEWAY_POLICY_VERSION"))
-    queue_max: int = field(default_factory=lambda: env_int("GATEWAY_QUEUE_MAX"))
-    on_full: OnFull = field(default_factory=lambda: cast(OnFull, env("GATEWAY_ON_FULL")))
-    max_body: int = field(default_factory=lambda: env_int("GATEWAY_MAX_BODY"))
-    body_timeout: float = field(default_factory=lambda: env_float("GATEWAY_BODY_TIMEOUT"))
-    acks: Acks = field(default_factory=lambda: cast(Acks, env("GATEWAY_ACKS")))
-    ack_timeout: float = field(default_factory=lambda: env_float("GATEWAY_ACK_TIMEOUT"))
-    model_map: str = field(default_factory=lambda: env("GATEWAY_MODEL_MAP"))
-    record_unattributed: bool = field(
-        default_factory=lambda: env("GATEWAY_RECORD_UNATTRIBUTED") not in ("0", "false", "no", ""))
+    host: str = setting("GATEWAY_HOST")
+    port: int = setting("GATEWAY_PORT")
+    backend_url: str = setting("GATEWAY_BACKEND_URL")
+    backend_api_key: str = setting("GATEWAY_BACKEND_API_KEY", secret=True)
+    backend_timeout: int = setting("GATEWAY_BACKEND_TIMEOUT")
+    backend_connections: int = setting("GATEWAY_BACKEND_CONNECTIONS")
+    api_keys: str = setting("GATEWAY_API_KEYS", secret=True)
+    policy: str = setting("GATEWAY_POLICY")
+    policy_version: int = setting("GATEWAY_POLICY_VERSION")
+    queue_max: int = setting("GATEWAY_QUEUE_MAX")
+    on_full: OnFull = setting("GATEWAY_ON_FULL")
+    max_body: int = setting("GATEWAY_MAX_BODY")
+    body_timeout: float = setting("GATEWAY_BODY_TIMEOUT")
+    acks: Acks = setting("GATEWAY_ACKS")
+    ack_timeout: float = setting("GATEWAY_ACK_TIMEOUT")
+    model_map: str = setting("GATEWAY_MODEL_MAP")
+    record_unattributed: bool = setting("GATEWAY_RECORD_UNATTRIBUTED")
     redaction: RedactionSettings = field(default_factory=RedactionSettings)
 
-    def __post_init__(self) -> None:
-        if self.on_full not in get_args(OnFull):
-            raise ConfigError(
-                f"ROLLSTREAM_GATEWAY_ON_FULL={self.on_full!r}: use one of {', '.join(get_args(OnFull))}"
-            )
-        if self.acks not in get_args(Acks):
-            raise ConfigError(f"ROLLSTREAM_GATEWAY_ACKS={self.acks!r}: use one of {', '.join(get_args(Acks))}")
+    def validate(self) -> None:
         for name in ("ack_timeout", "body_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"ROLLSTREAM_GATEWAY_{name.upper()} must be a positive number of seconds, "
@@ -386,10 +378,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the gateway until interrupted; 2 on a configuration error."""
     import uvicorn
@@ -399,11 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpx2"):  # the schema registry client logs every request at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        settings = GatewaySettings(**_overrides(args, [
-            "host", "port", "backend_url", "policy", "policy_version", "queue_max", "on_full", "backend_timeout",
-            "acks", "ack_timeout", "body_timeout", "model_map"]), redaction=settings_from_flags(args))
-        conn = dataclasses.replace(ConnectionSettings(), **_overrides(
-            args, ["kafka_bootstrap", "schema_registry_url", "topic_prefix"]))
+        settings = GatewaySettings.from_args(
+            args, "host", "port", "backend_url", "policy", "policy_version", "queue_max", "on_full", "backend_timeout",
+            "acks", "ack_timeout", "body_timeout", "model_map", redaction=settings_from_flags(args))
+        conn = ConnectionSettings.from_args(args, "kafka_bootstrap", "schema_registry_url", "topic_prefix")
         guard_unauthenticated(KeyRing.from_text(settings.api_keys), settings.host, "gateway",
                               "ROLLSTREAM_GATEWAY_API_KEYS", "agent-key=models,grader-key=rewards")
         codec = prepare_codec(conn, ["LlmCall", "Reward", "RolloutEvent"], create_missing=not args.no_create_topics)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import gzip
 import logging
 import signal
@@ -71,7 +70,7 @@ from rollstream.producers.redact import (
 )
 from rollstream.producers.response_index import ResponseIndex
 from rollstream.schemas.topics import Topics
-from rollstream.settings import ConnectionSettings, env, env_float, env_int
+from rollstream.settings import ConnectionSettings, Settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -81,21 +80,21 @@ GRPC_PERMISSION_DENIED, GRPC_UNAUTHENTICATED = 7, 16
 
 
 @dataclass(frozen=True)
-class OtlpSettings:
+class OtlpSettings(Settings):
     """Where the receiver listens, the policy it records by default, and its event queue."""
 
-    host: str = field(default_factory=lambda: env("OTLP_HOST"))
-    port: int = field(default_factory=lambda: env_int("OTLP_PORT"))
-    policy: str = field(default_factory=lambda: env("OTLP_POLICY"))
-    queue_max: int = field(default_factory=lambda: env_int("OTLP_QUEUE_MAX"))
-    max_body: int = field(default_factory=lambda: env_int("OTLP_MAX_BODY"))
-    api_keys: str = field(default_factory=lambda: env("OTLP_API_KEYS"), repr=False)
-    join_wait: float = field(default_factory=lambda: env_float("OTLP_JOIN_WAIT"))
-    hold: float = field(default_factory=lambda: env_float("OTLP_HOLD"))
-    gateway_join: bool = field(default_factory=lambda: env("OTLP_GATEWAY_JOIN") not in ("0", "false", ""))
+    host: str = setting("OTLP_HOST")
+    port: int = setting("OTLP_PORT")
+    policy: str = setting("OTLP_POLICY")
+    queue_max: int = setting("OTLP_QUEUE_MAX")
+    max_body: int = setting("OTLP_MAX_BODY")
+    api_keys: str = setting("OTLP_API_KEYS", secret=True)
+    join_wait: float = setting("OTLP_JOIN_WAIT")
+    hold: float = setting("OTLP_HOLD")
+    gateway_join: bool = setting("OTLP_GATEWAY_JOIN")
     redaction: RedactionSettings = field(default_factory=RedactionSettings)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("queue_max", "max_body"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ROLLSTREAM_OTLP_{name.upper()} must be at least 1")
@@ -432,13 +431,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    names = ("host", "port", "policy", "queue_max")
     try:
-        settings = OtlpSettings(**{n: getattr(args, n) for n in names if getattr(args, n) is not None},
-                                redaction=settings_from_flags(args))
-        conn = dataclasses.replace(ConnectionSettings(), **{
-            n: getattr(args, n) for n in ("kafka_bootstrap", "schema_registry_url", "topic_prefix")
-            if getattr(args, n) is not None})
+        settings = OtlpSettings.from_args(args, "host", "port", "policy", "queue_max",
+                                          redaction=settings_from_flags(args))
+        conn = ConnectionSettings.from_args(args, "kafka_bootstrap", "schema_registry_url", "topic_prefix")
         keys = KeyRing.from_text(settings.api_keys, "ROLLSTREAM_OTLP_API_KEYS", OTLP_SCOPES)
         guard_unauthenticated(keys, settings.host, "OTLP receiver", "ROLLSTREAM_OTLP_API_KEYS", "exporter-key=traces")
         codec = prepare_codec(conn, ["LlmCall", "Reward", "RolloutEvent"], create_missing=not args.no_create_topics)

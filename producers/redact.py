@@ -24,13 +24,13 @@ import importlib
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from prometheus_client import Counter
 
 from rollstream.errors import ConfigError, RollstreamError
-from rollstream.settings import env
+from rollstream.settings import Settings, setting
 
 Hook = Callable[[str], str]
 Surface = Literal["gateway", "otlp", "sdk"]
@@ -171,14 +171,14 @@ def load_hook(path: str) -> Hook | None:
 
 
 @dataclass(frozen=True)
-class RedactionSettings:
+class RedactionSettings(Settings):
     """Which rules redact captured text, the extra patterns, and the hook; shared by gateway, OTLP receiver, SDK."""
 
-    rules: str = field(default_factory=lambda: env("REDACT"))
-    patterns: str = field(default_factory=lambda: env("REDACT_PATTERNS"))
-    hook: str = field(default_factory=lambda: env("REDACT_HOOK"))
+    rules: str = setting("REDACT")
+    patterns: str = setting("REDACT_PATTERNS")
+    hook: str = setting("REDACT_HOOK")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         parse_rules(self.rules)  # malformed settings are a ConfigError at start, not at the first call
         parse_patterns(self.patterns)
         load_hook(self.hook)

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, cast, get_args
+from typing import Any, ParamSpec, TypeVar
 
 from rollstream.errors import ConfigError, InvalidEventError, ProducerError
 from rollstream.events import DeliveryError
@@ -47,7 +47,7 @@ from rollstream.producers.redact import Hook, RedactionSettings, Redactor
 from rollstream.schemas import schema_text
 from rollstream.schemas.codec import EventCodec, register, registry_client
 from rollstream.schemas.topics import Topics
-from rollstream.settings import ConnectionSettings, env, env_float, env_int
+from rollstream.settings import ConnectionSettings, Settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +60,23 @@ _last_call: contextvars.ContextVar[str | None] = contextvars.ContextVar("rollstr
 
 
 @dataclass(frozen=True)
-class SdkSettings:
+class SdkSettings(Settings):
     """How the SDK names its events, where the gateway is, and how its event queue behaves."""
 
-    source: str = field(default_factory=lambda: env("SDK_SOURCE"))
-    policy: str = field(default_factory=lambda: env("SDK_POLICY"))
-    policy_version: int = field(default_factory=lambda: env_int("SDK_POLICY_VERSION"))
-    gateway_url: str = field(default_factory=lambda: env("SDK_GATEWAY_URL"))
-    queue_max: int = field(default_factory=lambda: env_int("SDK_QUEUE_MAX"))
-    on_full: OnFull = field(default_factory=lambda: cast(OnFull, env("SDK_ON_FULL")))
-    block_timeout: float = field(default_factory=lambda: env_float("SDK_BLOCK_TIMEOUT"))
-    flush_timeout: float = field(default_factory=lambda: env_float("SDK_FLUSH_TIMEOUT"))
-    flush_on_finish: bool = field(default_factory=lambda: env("SDK_FLUSH_ON_FINISH") not in ("0", "false", ""))
-    delivery_timeout_ms: int = field(default_factory=lambda: env_int("SDK_DELIVERY_TIMEOUT_MS"))
-    token_ids: bool = field(default_factory=lambda: env("SDK_TOKEN_IDS") not in ("0", "false", ""))
+    source: str = setting("SDK_SOURCE")
+    policy: str = setting("SDK_POLICY")
+    policy_version: int = setting("SDK_POLICY_VERSION")
+    gateway_url: str = setting("SDK_GATEWAY_URL")
+    queue_max: int = setting("SDK_QUEUE_MAX")
+    on_full: OnFull = setting("SDK_ON_FULL")
+    block_timeout: float = setting("SDK_BLOCK_TIMEOUT")
+    flush_timeout: float = setting("SDK_FLUSH_TIMEOUT")
+    flush_on_finish: bool = setting("SDK_FLUSH_ON_FINISH")
+    delivery_timeout_ms: int = setting("SDK_DELIVERY_TIMEOUT_MS")
+    token_ids: bool = setting("SDK_TOKEN_IDS")
     redaction: RedactionSettings = field(default_factory=RedactionSettings)
 
-    def __post_init__(self) -> None:
-        if self.on_full not in get_args(OnFull):
-            raise ConfigError(f"ROLLSTREAM_SDK_ON_FULL={self.on_full!r}: use one of {', '.join(get_args(OnFull))}")
+    def validate(self) -> None:
         if self.queue_max < 1:
             raise ConfigError("ROLLSTREAM_SDK_QUEUE_MAX must be at least 1")
         if self.delivery_timeout_ms < 0:

@@ -45,15 +45,12 @@ def _smoke(args: argparse.Namespace, console: Console) -> int:
 
 def _topics(args: argparse.Namespace, console: Console) -> int:
     """Create a prefix's topics and register its schemas, publishing nothing (for producers of any language)."""
-    from dataclasses import replace
 
     from rollstream.schemas.codec import register_schemas, registry_client
     from rollstream.schemas.topics import Topics, create_topics
     from rollstream.settings import ConnectionSettings
 
-    conn = ConnectionSettings()
-    conn = replace(conn, topic_prefix=args.topic_prefix or conn.topic_prefix,
-                   partitions=args.partitions or conn.partitions)
+    conn = ConnectionSettings.from_args(args, "topic_prefix", "partitions")
     topics = Topics(conn.topic_prefix, conn.partitions)
     created = create_topics(topics, conn)
     ids = register_schemas(registry_client(conn), topics)

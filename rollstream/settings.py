@@ -7,11 +7,15 @@ nothing needs setting on a developer machine.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
+import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rollstream.errors import ConfigError
 
@@ -195,64 +199,187 @@ def env(name: str) -> str:
 
 
 def env_int(name: str) -> int:
-    raw = env(name)
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{PREFIX}{name}={raw!r} is not an integer") from exc
+    return parse_value(PREFIX + name, env(name), int)  # type: ignore[no-any-return]
 
 
 def env_float(name: str) -> float:
-    raw = env(name)
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{PREFIX}{name}={raw!r} is not a number") from exc
+    return parse_value(PREFIX + name, env(name), float)  # type: ignore[no-any-return]
 
 
-def _home() -> Path:
-    return Path(env("HOME")).expanduser()
+def env_bool(name: str) -> bool:
+    return parse_value(PREFIX + name, env(name), bool)  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True)
-class StackSettings:
-    """Where and how the local stack runs."""
-
-    home: Path = field(default_factory=_home)
-    state_dir: Path = field(default_factory=lambda: Path(env("STATE_DIR") or _home() / "stack").expanduser())
-    kafka_version: str = field(default_factory=lambda: env("KAFKA_VERSION"))
-    kafka_port: int = field(default_factory=lambda: env_int("KAFKA_PORT"))
-    kafka_heap: str = field(default_factory=lambda: env("KAFKA_HEAP"))
-    registry_version: str = field(default_factory=lambda: env("REGISTRY_VERSION"))
-    registry_port: int = field(default_factory=lambda: env_int("REGISTRY_PORT"))
-    registry_heap: str = field(default_factory=lambda: env("REGISTRY_HEAP"))
-    s3_port: int = field(default_factory=lambda: env_int("S3_PORT"))
-    versitygw_version: str = field(default_factory=lambda: env("VERSITYGW_VERSION"))
-    mlflow_port: int = field(default_factory=lambda: env_int("MLFLOW_PORT"))
-    s3_access_key: str = field(default_factory=lambda: env("S3_ACCESS_KEY"))
-    s3_secret_key: str = field(default_factory=lambda: env("S3_SECRET_KEY"))
-    s3_region: str = field(default_factory=lambda: env("S3_REGION"))
-    buckets: tuple[str, ...] = field(default_factory=lambda: (env("S3_BUCKET"), env("MLFLOW_BUCKET")))
-    mlflow_bucket: str = field(default_factory=lambda: env("MLFLOW_BUCKET"))
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
-@dataclass(frozen=True)
-class ConnectionSettings:
-    """How clients reach Kafka, the registry, S3 and MLflow."""
+def parse_value(source: str, raw: str, hint: Any) -> Any:
+    """``raw`` (the text of ``source``: a variable) as a value of type ``hint``; a ConfigError naming ``source``.
 
-    kafka_bootstrap: str = field(default_factory=lambda: env("KAFKA_BOOTSTRAP"))
-    schema_registry_url: str = field(default_factory=lambda: env("SCHEMA_REGISTRY_URL"))
-    s3_endpoint: str = field(default_factory=lambda: env("S3_ENDPOINT"))
-    s3_access_key: str = field(default_factory=lambda: env("S3_ACCESS_KEY"))
-    s3_secret_key: str = field(default_factory=lambda: env("S3_SECRET_KEY"))
-    s3_region: str = field(default_factory=lambda: env("S3_REGION"))
-    s3_bucket: str = field(default_factory=lambda: env("S3_BUCKET"))
-    mlflow_tracking_uri: str = field(default_factory=lambda: env("MLFLOW_TRACKING_URI"))
-    topic_prefix: str = field(default_factory=lambda: env("TOPIC_PREFIX"))
-    partitions: int = field(default_factory=lambda: env_int("PARTITIONS"))
-    kafka_config: str = field(default_factory=lambda: env("KAFKA_CONFIG"), repr=False)  # may hold passwords
+    str, int, float, bool (1/true/yes/on or 0/false/no/off/empty, any case), Path, ``Path | None``
+    (empty: None), a Literal (its check is :func:`check_choice`), ``tuple[str, ...]`` (comma-separated)."""
+    if hint is bool:
+        word = raw.strip().lower()
+        if word in TRUE or word in FALSE:
+            return word in TRUE
+        raise ConfigError(f"{source}={raw!r} is not a boolean: use 1/true/yes/on or 0/false/no/off")
+    if hint is int:
+        try:
+            return int(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{source}={raw!r} is not an integer") from exc
+    if hint is float:
+        try:
+            return float(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{source}={raw!r} is not a number") from exc
+    if hint is Path:
+        return Path(raw).expanduser()
+    if hint == Path | None:
+        return Path(raw).expanduser() if raw else None
+    if typing.get_origin(hint) is tuple:
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw  # str, or a Literal of strings
+
+
+def check_choice(label: str, value: Any, hint: Any) -> None:
+    """The one check of a Literal-typed setting, wherever its value came from (``label`` names it)."""
+    if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+        raise ConfigError(f"{label}: choose one of {', '.join(map(str, typing.get_args(hint)))}")
+
+
+_UNSET: Any = type("Unset", (), {"__repr__": lambda self: "<from the environment>"})()
+
+
+def option(default: Any, doc: str) -> Any:
+    """A field of a :class:`Settings` class with an ``env_prefix``: ``ROLLSTREAM_<env_prefix><FIELD>`` or ``default``.
+
+    For settings that are mainly command-line options (the trainer's): one documented default and
+    help text here, the variable named after the field."""
+    return field(default=_UNSET, metadata={"doc": doc, "default": default})
+
+
+def setting(name: str, *, secret: bool = False) -> Any:
+    """A field of a :class:`Settings` class read from ``ROLLSTREAM_<name>`` unless given, parsed by its type."""
+    if name not in VARIABLES:
+        raise ConfigError(f"unknown setting {PREFIX}{name}; add it to rollstream.settings.VARIABLES")
+    return field(default=_UNSET, repr=not secret, metadata={"env": name})
+
+
+class Settings:
+    """The base of every service's settings: a dataclass whose ``setting(NAME)`` fields come from the environment.
+
+    - from the environment with one prefix: a field not given is ``ROLLSTREAM_<NAME>`` (or the default
+      documented in ``VARIABLES``), parsed by the field's type (:func:`parse_value`); an :func:`option`
+      field of a class with ``env_prefix`` is ``ROLLSTREAM_<env_prefix><FIELD>`` or the option's default;
+    - CLI overrides applied one way: ``Cls.load(**overrides)``, where None means "not given";
+    - one Literal check for every Literal field, whether its value came from the environment or the caller;
+    - then the class's own ``validate()``.
+    """
+
+    env_prefix: typing.ClassVar[str] = ""  # for option() fields: ROLLSTREAM_<env_prefix><FIELD>
 
     def __post_init__(self) -> None:
+        hints = _hints(type(self).__module__, type(self).__qualname__)
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            name: str = f.metadata.get("env", "")
+            if not name and "default" in f.metadata and self.env_prefix:
+                name = self.env_prefix + f.name.upper()
+            value = getattr(self, f.name)
+            label = f"{f.name}={value!r}" + (f" ({PREFIX}{name})" if name else "")  # given by the caller
+            if value is _UNSET:
+                if name in VARIABLES:
+                    value = parse_value(PREFIX + name, env(name), hints[f.name])
+                else:  # an option(): its variable when set, else its default
+                    raw = os.environ.get(PREFIX + name) if name else None
+                    value = f.metadata["default"] if raw is None else parse_value(PREFIX + name, raw, hints[f.name])
+                object.__setattr__(self, f.name, value)  # frozen dataclasses too
+                label = f"{PREFIX}{name}={value!r}"
+            check_choice(label, value, hints[f.name])
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks across fields; a ConfigError that names the variable and the fix."""
+
+    @classmethod
+    def load(cls: type[_S], **overrides: Any) -> _S:
+        """These settings from the environment, with the given values (None: not given) in place of their variables."""
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no setting {', '.join(unknown)}")
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def from_args(cls: type[_S], args: Any, *names: str, **overrides: Any) -> _S:
+        """``load`` with the options ``names`` of ``args`` (argparse; None: not given), then ``overrides``."""
+        return cls.load(**{n: getattr(args, n, None) for n in names}, **overrides)
+
+    def variable(self, name: str) -> str:
+        """The environment variable of field ``name`` (for error messages)."""
+        f = next(f for f in dataclasses.fields(self) if f.name == name)  # type: ignore[arg-type]
+        return PREFIX + f.metadata["env"] if "env" in f.metadata else name
+
+
+_S = typing.TypeVar("_S", bound=Settings)
+
+
+@functools.cache
+def _hints(module: str, qualname: str) -> dict[str, Any]:
+    cls: Any = sys.modules[module]
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    return typing.get_type_hints(cls)
+
+
+@dataclass(frozen=True)
+class StackSettings(Settings):
+    """Where and how the local stack runs."""
+
+    home: Path = setting("HOME")
+    state_dir: Path = field(default=None)  # type: ignore[assignment]  # ROLLSTREAM_STATE_DIR, or <home>/stack
+    kafka_version: str = setting("KAFKA_VERSION")
+    kafka_port: int = setting("KAFKA_PORT")
+    kafka_heap: str = setting("KAFKA_HEAP")
+    registry_version: str = setting("REGISTRY_VERSION")
+    registry_port: int = setting("REGISTRY_PORT")
+    registry_heap: str = setting("REGISTRY_HEAP")
+    s3_port: int = setting("S3_PORT")
+    versitygw_version: str = setting("VERSITYGW_VERSION")
+    mlflow_port: int = setting("MLFLOW_PORT")
+    s3_access_key: str = setting("S3_ACCESS_KEY")
+    s3_secret_key: str = setting("S3_SECRET_KEY", secret=True)
+    s3_region: str = setting("S3_REGION")
+    s3_bucket: str = setting("S3_BUCKET")
+    mlflow_bucket: str = setting("MLFLOW_BUCKET")
+
+    def validate(self) -> None:
+        if self.state_dir is None:
+            raw = env("STATE_DIR")
+            object.__setattr__(self, "state_dir", Path(raw).expanduser() if raw else self.home / "stack")
+
+    @property
+    def buckets(self) -> tuple[str, ...]:
+        return self.s3_bucket, self.mlflow_bucket
+
+
+@dataclass(frozen=True)
+class ConnectionSettings(Settings):
+    """How clients reach Kafka, the registry, S3 and MLflow."""
+
+    kafka_bootstrap: str = setting("KAFKA_BOOTSTRAP")
+    schema_registry_url: str = setting("SCHEMA_REGISTRY_URL")
+    s3_endpoint: str = setting("S3_ENDPOINT")
+    s3_access_key: str = setting("S3_ACCESS_KEY")
+    s3_secret_key: str = setting("S3_SECRET_KEY", secret=True)
+    s3_region: str = setting("S3_REGION")
+    s3_bucket: str = setting("S3_BUCKET")
+    mlflow_tracking_uri: str = setting("MLFLOW_TRACKING_URI")
+    topic_prefix: str = setting("TOPIC_PREFIX")
+    partitions: int = setting("PARTITIONS")
+    kafka_config: str = setting("KAFKA_CONFIG", secret=True)  # may hold passwords
+
+    def validate(self) -> None:
         if self.partitions < 1:
             raise ConfigError(f"{PREFIX}PARTITIONS must be at least 1, got {self.partitions}")
         kafka_client_config(self.kafka_config)  # refuse a malformed value at start, not at first use

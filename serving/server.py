@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
@@ -46,6 +45,7 @@ from rollstream.serving.protocol import (
 from rollstream.serving.reload import EngineTarget, PolicyWatcher
 from rollstream.serving.scheduler import Admitted, Event, Failed, Scheduler
 from rollstream.serving.tools import TOOL_CALL_PARSERS, ToolCallParser
+from rollstream.settings import ConnectionSettings
 
 log = logging.getLogger(__name__)
 
@@ -216,20 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
-    base = ServeSettings()
-    overrides: dict[str, Any] = {
-        name: getattr(args, name)
-        for name in ("model", "policy", "policy_version", "host", "port", "batch_window_ms", "max_batch",
-                     "default_max_tokens", "threads", "device", "tool_call_parser")
-        if getattr(args, name) is not None
-    }
-    if args.served_model_name is not None:
-        overrides["model_names"] = tuple(n for arg in args.served_model_name for n in arg.split(",") if n)
-    if args.no_updates:
-        overrides["updates"] = False
-    if args.topic_prefix is not None:
-        overrides["connection"] = dataclasses.replace(base.connection, topic_prefix=args.topic_prefix)
-    return dataclasses.replace(base, **overrides)
+    names = None if args.served_model_name is None else tuple(
+        n for arg in args.served_model_name for n in arg.split(",") if n)
+    return ServeSettings.from_args(
+        args, "model", "policy", "policy_version", "host", "port", "batch_window_ms", "max_batch",
+        "default_max_tokens", "threads", "device", "tool_call_parser", model_names=names,
+        updates=False if args.no_updates else None, connection=ConnectionSettings.from_args(args, "topic_prefix"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from rollstream.errors import ConfigError
-from rollstream.settings import PREFIX, env, env_float, env_int
+from rollstream.settings import PREFIX, Settings, env, setting
 from rollstream.stream_processors.credit import CreditRule, parse_rules
 
 Guarantee = Literal["exactly_once", "at_least_once"]
 Completion = Literal["finished", "terminal_reward"]
 ExpireFrom = Literal["first_event", "last_activity"]
 ExpireAction = Literal["drop", "fill"]
-
-
-def _choice(name: str, choices: tuple[str, ...]) -> str:
-    raw = env(name)
-    if raw not in choices:
-        raise ConfigError(f"{PREFIX}{name}={raw!r}: choose one of {', '.join(choices)}")
-    return raw
 
 
 def default_app_id(topic_prefix: str) -> str:
@@ -32,47 +25,34 @@ def default_app_id(topic_prefix: str) -> str:
     return f"{topic_prefix}processor"
 
 
-def _data_dir() -> Path | None:
-    raw = env("PROCESS_DATA_DIR")
-    return Path(raw).expanduser() if raw else None
-
-
 @dataclass(frozen=True)
-class ProcessorSettings:
+class ProcessorSettings(Settings):
     """How the join behaves; every field maps to one ROLLSTREAM_PROCESS_* variable."""
 
-    app_id: str = field(default_factory=lambda: env("PROCESS_APP_ID"))
-    data_dir: Path | None = field(default_factory=_data_dir)  # None: $ROLLSTREAM_HOME/processor/<app id>
-    guarantee: Guarantee = field(
-        default_factory=lambda: _choice("PROCESS_GUARANTEE", ("exactly_once", "at_least_once"))  # type: ignore[arg-type,return-value]
-    )
-    commit_interval: float = field(default_factory=lambda: env_float("PROCESS_COMMIT_INTERVAL"))
-    completion: Completion = field(
-        default_factory=lambda: _choice("PROCESS_COMPLETION", ("finished", "terminal_reward"))  # type: ignore[arg-type,return-value]
-    )
-    agent_match: str = field(default_factory=lambda: env("PROCESS_AGENT_MATCH"))
-    credit: str = field(default_factory=lambda: env("PROCESS_CREDIT"))
-    reward_name: str = field(default_factory=lambda: env("PROCESS_REWARD_NAME"))
-    expire_after: float = field(default_factory=lambda: env_float("PROCESS_EXPIRE_AFTER"))
-    expire_from: ExpireFrom = field(
-        default_factory=lambda: _choice("PROCESS_EXPIRE_FROM", ("first_event", "last_activity"))  # type: ignore[arg-type,return-value]
-    )
-    expire_action: ExpireAction = field(
-        default_factory=lambda: _choice("PROCESS_EXPIRE_ACTION", ("drop", "fill"))  # type: ignore[arg-type,return-value]
-    )
-    fill_value: float = field(default_factory=lambda: env_float("PROCESS_FILL_VALUE"))
-    closed_ttl: float = field(default_factory=lambda: env_float("PROCESS_CLOSED_TTL"))
-    timer_interval: float = field(default_factory=lambda: env_float("PROCESS_TIMER_INTERVAL"))
-    max_message_bytes: int = field(default_factory=lambda: env_int("PROCESS_MAX_MESSAGE_BYTES"))
-    require_token_ids: bool = field(default_factory=lambda: env("PROCESS_REQUIRE_TOKEN_IDS") not in ("0", "false", ""))
+    app_id: str = setting("PROCESS_APP_ID")
+    data_dir: Path | None = setting("PROCESS_DATA_DIR")  # None: $ROLLSTREAM_HOME/processor/<app id>
+    guarantee: Guarantee = setting("PROCESS_GUARANTEE")
+    commit_interval: float = setting("PROCESS_COMMIT_INTERVAL")
+    completion: Completion = setting("PROCESS_COMPLETION")
+    agent_match: str = setting("PROCESS_AGENT_MATCH")
+    credit: str = setting("PROCESS_CREDIT")
+    reward_name: str = setting("PROCESS_REWARD_NAME")
+    expire_after: float = setting("PROCESS_EXPIRE_AFTER")
+    expire_from: ExpireFrom = setting("PROCESS_EXPIRE_FROM")
+    expire_action: ExpireAction = setting("PROCESS_EXPIRE_ACTION")
+    fill_value: float = setting("PROCESS_FILL_VALUE")
+    closed_ttl: float = setting("PROCESS_CLOSED_TTL")
+    timer_interval: float = setting("PROCESS_TIMER_INTERVAL")
+    max_message_bytes: int = setting("PROCESS_MAX_MESSAGE_BYTES")
+    require_token_ids: bool = setting("PROCESS_REQUIRE_TOKEN_IDS")
     # A tokenizer folder or s3:// URI: calls without token ids are tokenized from their text (see retokenize.py).
-    tokenizer: str = field(default_factory=lambda: env("PROCESS_TOKENIZER"))
-    web_port: int = field(default_factory=lambda: env_int("PROCESS_WEB_PORT"))
-    log_interval: float = field(default_factory=lambda: env_float("PROCESS_LOG_INTERVAL"))
-    idle_grace: float = field(default_factory=lambda: env_float("PROCESS_IDLE_GRACE"))
+    tokenizer: str = setting("PROCESS_TOKENIZER")
+    web_port: int = setting("PROCESS_WEB_PORT")
+    log_interval: float = setting("PROCESS_LOG_INTERVAL")
+    idle_grace: float = setting("PROCESS_IDLE_GRACE")
     source: str = "processor"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         try:
             re.compile(self.agent_match)
         except re.error as exc:

@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -143,17 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> tuple[ProcessorSettings, ConnectionSettings, Topics]:
-    conn = ConnectionSettings()
-    conn = replace(conn, topic_prefix=args.topic_prefix or conn.topic_prefix,
-                   partitions=args.partitions or conn.partitions)
-    overrides: dict[str, Any] = {name: getattr(args, name) for name in
-                                 ("app_id", "web_port", "guarantee", "credit", "agent_match", "reward_name")
-                                 if getattr(args, name) is not None}
-    if args.data_dir:
-        overrides["data_dir"] = Path(args.data_dir)
-    if args.replay_to and "app_id" not in overrides:
-        overrides["app_id"] = f"{args.replay_to}replay"
-    settings = replace(ProcessorSettings(), **overrides).for_prefix(conn.topic_prefix)
+    conn = ConnectionSettings.from_args(args, "topic_prefix", "partitions")
+    app_id = args.app_id or (f"{args.replay_to}replay" if args.replay_to else None)
+    settings = ProcessorSettings.from_args(
+        args, "web_port", "guarantee", "credit", "agent_match", "reward_name", app_id=app_id,
+        data_dir=Path(args.data_dir) if args.data_dir else None).for_prefix(conn.topic_prefix)
     topics = Topics(conn.topic_prefix, conn.partitions, outputs=args.replay_to or "")
     if args.replay_to == conn.topic_prefix:
         raise ProcessorError(f"--replay-to {args.replay_to!r} is the live prefix; choose another, e.g. 'replay1.'")

@@ -11,10 +11,11 @@ import argparse
 import dataclasses
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 from rollstream.errors import ConfigError
+from rollstream.settings import PREFIX, Settings, option
 
 Objective = Literal["grpo", "rloo", "reinforce"]
 Correction = Literal["ppo", "decoupled", "tis"]
@@ -22,13 +23,16 @@ BatchBy = Literal["transitions", "tokens"]
 RewardField = Literal["credited_return", "terminal_reward", "reward"]
 
 
-def _f(default: Any, doc: str) -> Any:
-    return field(default=default, metadata={"doc": doc})
+_f = option
 
 
 @dataclass
-class TrainConfig:
-    """Hyperparameters of one training job (``rollstream train --help`` lists them)."""
+class TrainConfig(Settings):
+    """Hyperparameters of one training job (``rollstream train --help`` lists them).
+
+    Each option ``--some-name`` also reads ``ROLLSTREAM_TRAIN_SOME_NAME``; the command line wins."""
+
+    env_prefix: ClassVar[str] = "TRAIN_"
 
     policy: str = _f("", "Policy to train: only transitions of this policy are used; names checkpoints and the model.")
     model: str = _f("", "Initial model: a Hugging Face folder or s3://bucket/prefix (the base model under LoRA).")
@@ -81,9 +85,6 @@ class TrainConfig:
     seed: int = _f(0, "Random seed.")
     log_every: int = _f(1, "Steps between progress lines and MLflow metric batches.")
     progress: bool = _f(True, "Show a progress bar when stderr is a terminal.")
-
-    def __post_init__(self) -> None:
-        self.validate()
 
     def validate(self) -> None:
         """Raise ConfigError naming the field and the fix for any invalid combination."""
@@ -140,13 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rollstream train",
         description="Consume transitions from Kafka and train the policy continuously; checkpoint to S3 and MLflow.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
-        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata["doc"], "dest": f.name}
+        var = f"{PREFIX}{TrainConfig.env_prefix}{f.name.upper()}"
+        # default None: an option not given is taken from its variable, or the documented default (Settings.load)
+        kwargs: dict[str, Any] = {"default": None, "dest": f.name,
+                                  "help": f"{f.metadata['doc']} (default: {f.metadata['default']}; env {var})"}
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is Literal:
@@ -160,4 +163,4 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """A validated TrainConfig from command-line arguments."""
     args = build_parser().parse_args(argv)
-    return TrainConfig(**vars(args))
+    return TrainConfig.load(**vars(args))

@@ -268,5 +268,5 @@ def test_settings_and_options(monkeypatch: pytest.MonkeyPatch) -> None:
         "x", "y", "z")
     assert settings_from_args(build_parser().parse_args(["--tool-call-parser", "none"])).tool_call_parser == "none"
     monkeypatch.setenv("ROLLSTREAM_SERVE_TOOL_CALL_PARSER", "mistral")
-    with pytest.raises(ConfigError, match="ROLLSTREAM_SERVE_TOOL_CALL_PARSER must be one of hermes, none"):
+    with pytest.raises(ConfigError, match="ROLLSTREAM_SERVE_TOOL_CALL_PARSER='mistral': choose one of hermes, none"):
         ServeSettings()
