@@ -187,6 +187,11 @@ class WorkerStats:
     errors: int = 0
     active: int = 0  # rollouts under way
     rewards: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=4000))  # (time, reward)
+    # GRPO groups whose rollouts all ended: how many had every reward 0 (no advantage, no gradient), every
+    # reward 1 (the same), or a mix (the only ones that teach anything), and the rewards by operator word.
+    groups: dict[str, int] = field(default_factory=lambda: {"all_fail": 0, "all_pass": 0, "mixed": 0})
+    by_op: dict[str, deque[float]] = field(default_factory=dict)
+    open_groups: dict[str, list[float]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reward_mean(self, window_s: float = 30.0) -> float | None:
@@ -194,6 +199,26 @@ class WorkerStats:
         with self.lock:
             recent = [r for t, r in self.rewards if now - t <= window_s]
         return sum(recent) / len(recent) if recent else None
+
+    def record(self, task: Task, group_id: str, group_size: int, reward: float | None) -> None:
+        """One rollout of ``group_id`` ended (``reward`` None: abandoned); counts the group once all ended."""
+        with self.lock:
+            if reward is not None:
+                self.by_op.setdefault(task.op, deque(maxlen=400)).append(reward)
+            got = self.open_groups.setdefault(group_id, [])
+            got.append(-1.0 if reward is None else reward)
+            if len(got) < group_size:
+                return
+            del self.open_groups[group_id]
+            done = [r for r in got if r >= 0]
+            if done:
+                kind = "all_fail" if max(done) == 0 else "all_pass" if min(done) == 1 else "mixed"
+                self.groups[kind] += 1
+
+    def op_means(self) -> dict[str, float]:
+        """Mean training reward by operator word over its last 400 rollouts."""
+        with self.lock:
+            return {op: round(sum(r) / len(r), 3) for op, r in sorted(self.by_op.items()) if r}
 
 
 class Workers:
@@ -287,6 +312,7 @@ class Workers:
             else:
                 self._post_reward(rollout_id, episode.reward)
         except Exception as exc:  # an agent failing must not stop the others
+            self.stats.record(task, group_id, self.group_size, None)
             with self.stats.lock:
                 self.stats.errors += 1
                 self.stats.active -= 1
@@ -297,6 +323,7 @@ class Workers:
             return
         self.ledger.write(event="end", rollout_id=rollout_id, ok=True, calls=episode.calls, reward=episode.reward,
                           reward_delayed=delayed)
+        self.stats.record(task, group_id, self.group_size, episode.reward)
         with self.stats.lock:
             self.stats.active -= 1
             self.stats.rollouts += 1
@@ -304,11 +331,18 @@ class Workers:
             self.stats.rewards.append((time.monotonic(), episode.reward))
 
 
-def evaluate(server_base_url: str, policy: str, held_out: list[Task], concurrency: int = 16) -> tuple[float, int]:
-    """(greedy accuracy on the held-out tasks, the policy version that answered most of them)."""
+def evaluate(server_base_url: str, policy: str, held_out: list[Task], concurrency: int = 16,
+             by_op: dict[str, float] | None = None) -> tuple[float, int]:
+    """(greedy accuracy on the held-out tasks, the policy version that answered most of them).
+
+    ``by_op``, when given, receives the accuracy for each operator word."""
     with OpenAI(base_url=server_base_url, api_key="demo", max_retries=2, timeout=120.0) as client, \
             ThreadPoolExecutor(concurrency, thread_name_prefix="eval") as pool:
         episodes = list(pool.map(lambda t: solve(client, policy, t, temperature=0.0), held_out))
+    if by_op is not None:
+        for op in sorted({t.op for t in held_out}):
+            mine = [e.reward for t, e in zip(held_out, episodes, strict=True) if t.op == op]
+            by_op[op] = round(sum(mine) / len(mine), 3)
     versions = [e.policy_version for e in episodes if e.policy_version is not None]
     version = max(set(versions), key=versions.count) if versions else -1
     return sum(e.reward for e in episodes) / len(episodes), int(version)

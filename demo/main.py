@@ -119,32 +119,39 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     summary: dict[str, Any] = {"run_dir": str(run_dir), "model": str(model_dir), "topic_prefix": conn.topic_prefix,
                                "policy": args.policy}
     workers: agent.Workers | None = None
+    evaluations: list[dict[str, Any]] = []  # each held-out evaluation, with the accuracy by operator word
     try:
         with console.status("starting the policy server, gateway, processor and trainer…"):
             loop.start()
         assert loop.server is not None
-        acc0, v0 = agent.evaluate(loop.server.base_url, args.policy, held_out)
+        by_op: dict[str, float] = {}
+        acc0, v0 = agent.evaluate(loop.server.base_url, args.policy, held_out, by_op=by_op)
         t0 = time.monotonic()
         curves.accuracy.append((0.0, acc0, v0))
+        evaluations.append({"t": 0.0, "accuracy": acc0, "version": v0, "by_op": by_op})
         console.print(f"held-out accuracy before training: {acc0:.0%} (policy version {v0}); "
                       f"loop up in {t0 - started:.0f} s, logs in {run_dir}")
         workers = agent.Workers(loop.gateway_url, args.policy, args.group_size, args.agents,
                                 delayed_share=args.delayed_share, held_out=held_out,
                                 allowance=lambda: (loop.trainer.step + args.ahead) * args.groups_per_step)
         workers.start()
-        _drive(args, console, loop, workers, curves, t0)
+        _drive(args, console, loop, workers, curves, t0, evaluations)
         workers.stop()
         with console.status("stopping the trainer (a last checkpoint) and waiting for the server to load it…"):
             loop.finish_training()
-        acc1, v1 = agent.evaluate(loop.server.base_url, args.policy, held_out)
+        by_op = {}
+        acc1, v1 = agent.evaluate(loop.server.base_url, args.policy, held_out, by_op=by_op)
         curves.accuracy.append((time.monotonic() - t0, acc1, v1))
+        evaluations.append({"t": round(time.monotonic() - t0, 1), "accuracy": acc1, "version": v1, "by_op": by_op})
         stats = loop.server_stats()
         summary.update(
             accuracy_before=acc0, accuracy_after=acc1, best_accuracy=max(a for _, a, _ in curves.accuracy),
             version_before=v0, version_after=v1, served_version=stats.get("policy_version"),
             reloads=stats.get("reloads"), trainer_steps=loop.trainer.step, rollouts=workers.stats.rollouts,
             agent_errors=workers.stats.errors, training_seconds=round(time.monotonic() - t0, 1),
-            restarts=dict(loop.restarts), engine=args.engine,
+            restarts=dict(loop.restarts), engine=args.engine, target=args.target,
+            target_seconds=next((e["t"] for e in evaluations if args.target and e["accuracy"] >= args.target), None),
+            groups=dict(workers.stats.groups), train_reward_by_op=workers.stats.op_means(),
         )
         if args.engine == "vllm":  # each version's load: published -> served
             summary["loads"] = loop.server.stats().get("loads")
@@ -156,12 +163,13 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         curves.rewards = loop.trainer.rewards
         summary["png"] = str(plot(curves, run_dir / "curves.png", title=f"rollstream demo {run_id}"))
         summary["accuracy_curve"] = curves.accuracy
+        summary["evaluations"] = evaluations
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def _drive(args: argparse.Namespace, console: Console, loop: Loop, workers: agent.Workers, curves: Curves,
-           t0: float) -> None:
+           t0: float, evaluations: list[dict[str, Any]]) -> None:
     """Show progress, evaluate periodically, and return when a budget or the target is reached."""
     assert loop.server is not None
     last_eval = time.monotonic()
@@ -181,8 +189,13 @@ def _drive(args: argparse.Namespace, console: Console, loop: Loop, workers: agen
             events_per_s = (calls - last_calls) / max(now - last_t, 1e-9)
             last_calls, last_t = calls, now
             if now - last_eval >= args.eval_every:
-                acc, version = agent.evaluate(loop.server.base_url, args.policy, _held_out(args))
+                by_op: dict[str, float] = {}
+                acc, version = agent.evaluate(loop.server.base_url, args.policy, _held_out(args), by_op=by_op)
                 curves.accuracy.append((now - t0, acc, version))
+                evaluations.append({"t": round(now - t0, 1), "accuracy": acc, "version": version, "by_op": by_op})
+                log.info("held-out %.0f%% %s at v%d (step %d, lag %s); groups %s; training reward by op %s",
+                         acc * 100, by_op, version, loop.trainer.step, loop.trainer.lag, workers.stats.groups,
+                         workers.stats.op_means())
                 last_eval = time.monotonic()
                 if args.target and acc >= args.target:
                     log.info("held-out accuracy %.0f%% reached the target", acc * 100)
