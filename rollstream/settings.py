@@ -206,10 +206,6 @@ def env_float(name: str) -> float:
     return parse_value(PREFIX + name, env(name), float)  # type: ignore[no-any-return]
 
 
-def env_bool(name: str) -> bool:
-    return parse_value(PREFIX + name, env(name), bool)  # type: ignore[no-any-return]
-
-
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
@@ -315,10 +311,6 @@ class Settings:
         """``load`` with the options ``names`` of ``args`` (argparse; None: not given), then ``overrides``."""
         return cls.load(**{n: getattr(args, n, None) for n in names}, **overrides)
 
-    def variable(self, name: str) -> str:
-        """The environment variable of field ``name`` (for error messages)."""
-        f = next(f for f in dataclasses.fields(self) if f.name == name)  # type: ignore[arg-type]
-        return PREFIX + f.metadata["env"] if "env" in f.metadata else name
 
 
 _S = typing.TypeVar("_S", bound=Settings)
